@@ -1,0 +1,60 @@
+"""The timing helper every benchmark uses: µs per call inside a CUDA graph, and the device's copy bandwidth
+measured in the same run (the floor of a memory-bound kernel is its bytes over that)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Callable
+
+import torch
+
+
+def graph_us(fns: list[Callable[[], object]], calls: int = 32, repeats: int = 15) -> float:
+    """Median µs per call of ``calls`` launches captured in one CUDA graph, cycling through ``fns``.
+
+    Pass several callables over different buffers when one set fits in L2 (see :func:`buffer_sets`): a
+    benchmark that rereads one small buffer measures the cache, not the memory a model streams through.
+    """
+    calls = max(calls, len(fns))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:  # JIT compiles, autotuning and allocations stay outside the graph
+            fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    del graph
+    return statistics.median(times)
+
+
+def buffer_sets(bytes_per_call: int, max_sets: int = 8) -> int:
+    """How many distinct input sets keep the working set at twice the L2 cache (at most ``max_sets``)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(max_sets, math.ceil(2 * l2 / max(bytes_per_call, 1))))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device="cuda")  # fp32: torch's copy moves 16-byte vectors
+    dst = torch.empty_like(src)
+    us = graph_us([lambda: dst.copy_(src)], calls=8)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def device_name() -> str:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor})"

@@ -1,0 +1,189 @@
+// CUDA implementation of inductor_moe::act_and_mul and act_and_mul_out: argument checks, variant and launch
+// configuration; the kernel is csrc/act_and_mul.cu.
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "act_and_mul_params.h"
+#include "launcher.h"
+#include "message.h"
+#include "ops.h"
+
+namespace inductor_moe {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Shape helpers. Each check mirrors one in ops.py (the fake and CPU implementations) with the same message.
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return 0;
+    case at::kHalf:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    default:
+      return -1;
+  }
+}
+
+// Row stride (elements) of `t` viewed as [rows, t.size(-1)], or -1 if its leading dims do not flatten to one
+// stride. Size-1 dims never matter.
+int64_t flat_row_stride(const at::Tensor& t) {
+  const int64_t nd = t.dim();
+  if (nd <= 1) return t.size(-1);
+  int64_t stride = -1;
+  int64_t expected = -1;
+  for (int64_t i = nd - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (stride < 0) {
+      stride = t.stride(i);
+    } else if (t.stride(i) != expected) {
+      return -1;
+    }
+    expected = t.stride(i) * t.size(i);
+  }
+  return stride < 0 ? t.size(-1) : stride;
+}
+
+constexpr int64_t kMaxIndex = 2147483647;  // 2**31 - 1
+
+const char* kActivations[] = {"silu", "gelu", "gelu_tanh"};
+
+int activation_code(c10::string_view activation) {
+  for (int i = 0; i < 3; ++i) {
+    if (activation == kActivations[i]) return i;
+  }
+  TORCH_CHECK(false, cat("inductor_moe.act_and_mul: activation must be one of 'silu', 'gelu', 'gelu_tanh', got '",
+                         std::string(activation), "'"));
+}
+
+void check_layout(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1 && (t.size(-1) <= 1 || t.stride(-1) == 1) && flat_row_stride(t) >= 0,
+              cat("inductor_moe.act_and_mul: ", name,
+                  " must have a contiguous last dim and leading dims that flatten to one row stride; got strides ",
+                  t.strides()));
+}
+
+// Validates every argument, returns the variant's filter code (0 none, 1 int32 ids, 2 int64 ids).
+int check_args(const at::Tensor& input, const at::Tensor* out, const std::optional<at::Tensor>& expert_ids,
+               int64_t expert_step) {
+  TORCH_CHECK(input.dim() >= 1, cat("inductor_moe.act_and_mul: input must have at least one dim"));
+  TORCH_CHECK(
+      dtype_code(input.scalar_type()) >= 0,
+      cat("inductor_moe.act_and_mul: input dtype must be float16, bfloat16 or float32, got ", input.scalar_type()));
+  const int64_t two_d = input.size(-1);
+  TORCH_CHECK(two_d % 2 == 0,
+              cat("inductor_moe.act_and_mul: the last dim of input must be even (gate and up halves), got ", two_d));
+  TORCH_CHECK(two_d <= kMaxIndex,
+              cat("inductor_moe.act_and_mul: the last dim of input (", two_d, ") must be below 2**31"));
+  check_layout("input", input);
+  const int64_t rows = two_d == 0 ? 0 : input.numel() / two_d;
+  TORCH_CHECK(rows <= kMaxIndex, cat("inductor_moe.act_and_mul: at most 2**31-1 rows are supported, got ", rows));
+  if (out != nullptr) {
+    TORCH_CHECK(out->scalar_type() == input.scalar_type(),
+                cat("inductor_moe.act_and_mul: out dtype ", out->scalar_type(), " must match input dtype ",
+                    input.scalar_type()));
+    TORCH_CHECK(out->device() == input.device(),
+                cat("inductor_moe.act_and_mul: out must be on ", input.device(), ", got ", out->device()));
+    std::vector<int64_t> expected(input.sizes().begin(), input.sizes().end());
+    expected.back() = two_d / 2;
+    TORCH_CHECK(out->sizes().vec() == expected, cat("inductor_moe.act_and_mul: out must have shape ",
+                                                    c10::IntArrayRef(expected), ", got ", out->sizes()));
+    check_layout("out", *out);
+  }
+  TORCH_CHECK(expert_step >= 1, cat("inductor_moe.act_and_mul: expert_step must be >= 1, got ", expert_step));
+  if (!expert_ids.has_value()) return 0;
+  const at::Tensor& ids = *expert_ids;
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
+              cat("inductor_moe.act_and_mul: expert_ids must be int32 or int64, got ", ids.scalar_type()));
+  TORCH_CHECK(ids.device() == input.device(),
+              cat("inductor_moe.act_and_mul: expert_ids must be on ", input.device(), ", got ", ids.device()));
+  TORCH_CHECK(ids.is_contiguous(), cat("inductor_moe.act_and_mul: expert_ids must be contiguous"));
+  const int64_t blocks = (rows + expert_step - 1) / expert_step;
+  const bool per_row_shape =
+      expert_step == 1 && ids.dim() == input.dim() - 1 && ids.sizes() == input.sizes().slice(0, input.dim() - 1);
+  const bool per_block_shape =
+      !(expert_step == 1 && ids.dim() == input.dim() - 1) && ids.dim() == 1 && ids.size(0) == blocks;
+  TORCH_CHECK(per_row_shape || per_block_shape,
+              cat("inductor_moe.act_and_mul: expert_ids must have shape input.shape[:-1] (expert_step=1) or [", blocks,
+                  "] (= ceil(rows / expert_step)), got ", ids.sizes()));
+  return ids.scalar_type() == at::kInt ? 1 : 2;
+}
+
+constexpr uint32_t kActAndMulFamily = 0;
+
+void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act, int filter,
+                        const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
+                        int64_t expert_hi, bool zero_dead) {
+  const int64_t two_d = input.size(-1);
+  const int64_t d = two_d / 2;
+  const int64_t rows = two_d == 0 ? 0 : input.numel() / two_d;
+  if (rows == 0 || d == 0) return;
+  const int64_t in_stride = flat_row_stride(input);
+  const int64_t out_stride = flat_row_stride(out);
+  const int dtype = dtype_code(input.scalar_type());
+  const int64_t esize = input.element_size();
+
+  // 16-byte accesses when every row of gate, up and out starts 16-byte aligned, else one element at a time.
+  const int64_t vec16 = 16 / esize;
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const bool wide = d % vec16 == 0 && in_stride % vec16 == 0 && out_stride % vec16 == 0 && aligned(input.data_ptr()) &&
+                    aligned(out.data_ptr());
+  const int vec = wide ? static_cast<int>(vec16) : 1;
+
+  c10::DeviceGuard guard(input.device());
+  const uint32_t variant = static_cast<uint32_t>(dtype | (act << 2) | (filter << 4) | (vec << 8));
+  const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_ACT=" + std::to_string(act) +
+                              ";IM_FILTER=" + std::to_string(filter) + ";IM_VEC=" + std::to_string(vec);
+
+  // One block row per input row; 32..256 threads, one pack each, and as many column chunks as cover d.
+  const int64_t packs = d / vec;
+  const int64_t threads = std::min<int64_t>(256, (packs + 31) / 32 * 32);
+  const int64_t chunks = std::min<int64_t>(65535, (packs + threads - 1) / threads);
+
+  ActAndMulParams p;
+  p.input = input.data_ptr();
+  p.out = out.data_ptr();
+  p.expert_ids = expert_ids.has_value() ? expert_ids->data_ptr() : nullptr;
+  p.rows = rows;
+  p.in_row_stride = in_stride;
+  p.out_row_stride = out_stride;
+  p.expert_step = expert_step;
+  p.expert_lo = expert_lo;
+  p.expert_hi = expert_hi;
+  p.d = static_cast<int>(d);
+  p.zero_dead = zero_dead ? 1 : 0;
+  void* args[] = {&p};
+  launch_kernel(input.device(), kActAndMulFamily, "act_and_mul", variant, defines,
+                Dim3{static_cast<unsigned>(rows), static_cast<unsigned>(chunks)}, Dim3{static_cast<unsigned>(threads)},
+                args);
+}
+
+}  // namespace
+
+at::Tensor act_and_mul_cuda(const at::Tensor& input, c10::string_view activation,
+                            const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
+                            int64_t expert_hi) {
+  const int act = activation_code(activation);
+  const int filter = check_args(input, nullptr, expert_ids, expert_step);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
+  shape.back() /= 2;
+  at::Tensor out = input.new_empty(shape);  // a Tensor method: no ATen/ops header (~3 s of g++ time)
+  act_and_mul_launch(input, out, act, filter, expert_ids, expert_step, expert_lo, expert_hi, /*zero_dead=*/true);
+  return out;
+}
+
+void act_and_mul_out_cuda(const at::Tensor& input, const at::Tensor& out, c10::string_view activation,
+                          const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
+                          int64_t expert_hi) {
+  const int act = activation_code(activation);
+  const int filter = check_args(input, &out, expert_ids, expert_step);
+  act_and_mul_launch(input, out, act, filter, expert_ids, expert_step, expert_lo, expert_hi, /*zero_dead=*/false);
+}
+
+}  // namespace inductor_moe

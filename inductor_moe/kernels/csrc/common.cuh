@@ -1,0 +1,83 @@
+// Device helpers shared by every inductor_moe kernel. Compiled by NVRTC (kernels/jit.py), so no CUDA
+// headers are included: half/bfloat16 conversions are single PTX instructions and storage is raw bits,
+// which keeps a cold compile at a fraction of a second (cuda_bf16.h alone costs more to parse).
+#pragma once
+
+namespace inductor_moe {
+
+// Element types by the code the host passes in (-DIM_DTYPE=...): see kernels/jit.py DTYPE_CODES.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+template <int DTYPE>
+struct Storage {
+  using type = unsigned short;
+};
+template <>
+struct Storage<kFloat32> {
+  using type = float;
+};
+
+template <int DTYPE>
+__device__ __forceinline__ float to_float(typename Storage<DTYPE>::type v) {
+  if constexpr (DTYPE == kFloat32) {
+    return v;
+  } else if constexpr (DTYPE == kBFloat16) {
+    return __uint_as_float(static_cast<unsigned int>(v) << 16);
+  } else {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+  }
+}
+
+// Round to nearest even, as torch's .to(dtype) does.
+template <int DTYPE>
+__device__ __forceinline__ typename Storage<DTYPE>::type from_float(float f) {
+  if constexpr (DTYPE == kFloat32) {
+    return f;
+  } else if constexpr (DTYPE == kBFloat16) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+  } else {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+  }
+}
+
+// VEC elements moved as one access: 16 bytes when the host found every address aligned, else 1 element.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// Programmatic dependent launch (sm90+). wait: block until the previous grid in the stream has finished and
+// its writes are visible; it must come before the first global read. launch_dependents: let the next grid
+// start its prologue. Both are no-ops when the kernel was not launched with programmatic serialization.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// The expert filter of DESIGN.md: row r is live iff lo <= expert_ids[r / step] < hi.
+template <int FILTER>
+__device__ __forceinline__ bool row_is_live(const void* expert_ids, long long row, long long step, long long lo,
+                                            long long hi) {
+  if constexpr (FILTER == 0) {
+    return true;
+  } else {
+    const long long id = FILTER == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[row / step])
+                                     : static_cast<const long long*>(expert_ids)[row / step];
+    return id >= lo && id < hi;
+  }
+}
+
+}  // namespace inductor_moe

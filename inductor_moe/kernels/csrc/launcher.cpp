@@ -1,0 +1,193 @@
+// Host side of kernel launches: the CUDA driver API (resolved at run time), per-device state, the in-memory
+// cache of loaded kernel variants, and the callback into Python that compiles a missing one.
+//
+// Only device-generic c10 headers and cuda.h are used (no c10/cuda, no CUDA runtime): the host glue then
+// builds against any torch, CPU-only wheels included (CI builds and loads it), and needs only cuda.h, which
+// the nvidia-cuda-runtime wheel ships.
+#include "launcher.h"
+
+#include <c10/core/impl/DeviceGuardImplInterface.h>
+#include <c10/util/Exception.h>
+#include <cuda.h>
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <iterator>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "message.h"
+
+namespace inductor_moe {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Driver API, resolved from libcuda.so.1 at first use: linking libcuda would make this library fail to load
+// on a machine without a driver with an error that does not say what is missing.
+struct Driver {
+  decltype(&cuGetErrorString) get_error_string = nullptr;
+  decltype(&cuDeviceGet) device_get = nullptr;
+  decltype(&cuDeviceGetAttribute) device_get_attribute = nullptr;
+  decltype(&cuDevicePrimaryCtxRetain) primary_ctx_retain = nullptr;
+  decltype(&cuCtxGetCurrent) ctx_get_current = nullptr;
+  decltype(&cuCtxSetCurrent) ctx_set_current = nullptr;
+  decltype(&cuModuleLoadData) module_load_data = nullptr;
+  decltype(&cuModuleGetFunction) module_get_function = nullptr;
+  decltype(&cuLaunchKernelEx) launch_kernel_ex = nullptr;
+};
+
+template <typename F>
+void resolve(void* handle, F& fn, const char* name) {
+  fn = reinterpret_cast<F>(dlsym(handle, name));
+  TORCH_CHECK(fn != nullptr, cat("inductor_moe: the CUDA driver (libcuda.so.1) has no symbol ", name,
+                                 "; a driver for CUDA 12.0 or newer is needed"));
+}
+
+const Driver& driver() {
+  static const Driver d = [] {
+    void* handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    TORCH_CHECK(handle != nullptr, cat("inductor_moe: the CUDA driver library libcuda.so.1 could not be loaded (",
+                                       dlerror(), "); is an NVIDIA driver installed?"));
+    Driver r;
+    resolve(handle, r.get_error_string, "cuGetErrorString");
+    resolve(handle, r.device_get, "cuDeviceGet");
+    resolve(handle, r.device_get_attribute, "cuDeviceGetAttribute");
+    resolve(handle, r.primary_ctx_retain, "cuDevicePrimaryCtxRetain");
+    resolve(handle, r.ctx_get_current, "cuCtxGetCurrent");
+    resolve(handle, r.ctx_set_current, "cuCtxSetCurrent");
+    resolve(handle, r.module_load_data, "cuModuleLoadData");
+    resolve(handle, r.module_get_function, "cuModuleGetFunction");
+    resolve(handle, r.launch_kernel_ex, "cuLaunchKernelEx");
+    return r;
+  }();
+  return d;
+}
+
+void check_cu(CUresult result, const char* what) {
+  if (result == CUDA_SUCCESS) return;
+  const char* msg = nullptr;
+  driver().get_error_string(result, &msg);
+  TORCH_CHECK(false, cat("inductor_moe: ", what, " failed: ", msg ? msg : "unknown CUDA driver error", " (",
+                         static_cast<int>(result), ")"));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-device state and the kernel cache.
+struct DeviceInfo {
+  CUcontext primary = nullptr;  // torch runs every device on its primary context
+  int major = 0;
+  int minor = 0;
+};
+
+// Set by kernels/jit.py: compile (or find in the disk cache) a variant for an arch and write its path to
+// `path`. Returns 0 on success; otherwise `path` holds the error message.
+using CompileFn = int (*)(const char* family, const char* defines, int major, int minor, char* path, size_t cap);
+
+std::mutex g_mutex;
+CompileFn g_compile = nullptr;
+std::deque<DeviceInfo> g_devices;                      // a deque: references stay valid when it grows
+std::unordered_map<uint64_t, CUfunction> g_functions;  // (device, family, variant key) -> entry point
+
+const DeviceInfo& device_info(int index) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (static_cast<int>(g_devices.size()) <= index) g_devices.resize(index + 1);
+  DeviceInfo& info = g_devices[index];
+  if (info.primary == nullptr) {
+    const Driver& d = driver();
+    CUdevice dev;
+    check_cu(d.device_get(&dev, index), "cuDeviceGet");
+    check_cu(d.device_get_attribute(&info.major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+             "cuDeviceGetAttribute");
+    check_cu(d.device_get_attribute(&info.minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+             "cuDeviceGetAttribute");
+    CUcontext ctx;
+    check_cu(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
+    info.primary = ctx;
+  }
+  return info;
+}
+
+// The context current on this thread must be the device's primary one for module loads and launches; a
+// thread that never touched the CUDA runtime has none.
+void make_current(const DeviceInfo& info) {
+  CUcontext current = nullptr;
+  check_cu(driver().ctx_get_current(&current), "cuCtxGetCurrent");
+  if (current != info.primary) check_cu(driver().ctx_set_current(info.primary), "cuCtxSetCurrent");
+}
+
+CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, const char* family, uint32_t variant,
+                        const std::string& defines) {
+  const uint64_t key = (static_cast<uint64_t>(device) << 48) | (static_cast<uint64_t>(family_id) << 32) | variant;
+  {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    auto it = g_functions.find(key);
+    if (it != g_functions.end()) return it->second;
+  }
+  // Slow path, once per variant and device. The lock is not held across the callback: it takes the GIL,
+  // which another thread may hold while it waits for this lock. Two threads may then both compile the
+  // variant; the disk cache makes that harmless.
+  TORCH_CHECK(g_compile != nullptr, cat("inductor_moe: the kernel compiler was not registered; import inductor_moe"));
+  char path[4096] = {0};
+  const int rc = g_compile(family, defines.c_str(), info.major, info.minor, path, sizeof(path));
+  TORCH_CHECK(rc == 0, cat("inductor_moe: compiling ", family, " [", defines, "] for sm_", info.major, info.minor,
+                           " failed: ", path));
+  std::ifstream file(path, std::ios::binary);
+  TORCH_CHECK(file.good(), cat("inductor_moe: cannot read compiled kernel ", path));
+  std::vector<char> image((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  image.push_back('\0');  // PTX images must be NUL-terminated; cubins ignore the extra byte
+  CUmodule module;
+  check_cu(driver().module_load_data(&module, image.data()), "cuModuleLoadData");
+  CUfunction fn;
+  check_cu(driver().module_get_function(&fn, module, "inductor_moe_kernel"), "cuModuleGetFunction");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_functions.emplace(key, fn).first->second;
+}
+
+// PDL on sm90+ unless INDUCTOR_MOE_PDL=0 (read per call, like every INDUCTOR_MOE_* setting; see config.py).
+bool use_pdl(const DeviceInfo& info) {
+  if (info.major < 9) return false;
+  const char* env = std::getenv("INDUCTOR_MOE_PDL");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// torch's current stream on `device` (what c10::cuda::getCurrentCUDAStream returns), through the
+// device-generic guard interface.
+CUstream current_stream(const c10::Device& device) {
+  static const c10::impl::DeviceGuardImplInterface* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+  return static_cast<CUstream>(impl->getStream(device).native_handle());
+}
+
+}  // namespace
+
+void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family, uint32_t variant,
+                   const std::string& defines, Dim3 grid, Dim3 block, void** args) {
+  const DeviceInfo& info = device_info(device.index());
+  make_current(info);
+  CUfunction fn = get_function(device.index(), info, family_id, family, variant, defines);
+  CUlaunchAttribute attr;
+  attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+  attr.value.programmaticStreamSerializationAllowed = 1;
+  CUlaunchConfig config;
+  std::memset(&config, 0, sizeof(config));
+  config.gridDimX = grid.x;
+  config.gridDimY = grid.y;
+  config.gridDimZ = grid.z;
+  config.blockDimX = block.x;
+  config.blockDimY = block.y;
+  config.blockDimZ = block.z;
+  config.hStream = current_stream(device);
+  config.attrs = &attr;
+  config.numAttrs = use_pdl(info) ? 1 : 0;
+  check_cu(driver().launch_kernel_ex(&config, fn, args, nullptr), "cuLaunchKernelEx");
+}
+
+}  // namespace inductor_moe
+
+extern "C" __attribute__((visibility("default"))) void inductor_moe_set_compiler(inductor_moe::CompileFn fn) {
+  std::lock_guard<std::mutex> lock(inductor_moe::g_mutex);
+  inductor_moe::g_compile = fn;
+}

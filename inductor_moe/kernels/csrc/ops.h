@@ -1,0 +1,18 @@
+// The CUDA implementations of the ops, one <family>.cpp each, registered in registration.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace inductor_moe {
+
+at::Tensor act_and_mul_cuda(const at::Tensor& input, c10::string_view activation,
+                            const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
+                            int64_t expert_hi);
+
+void act_and_mul_out_cuda(const at::Tensor& input, const at::Tensor& out, c10::string_view activation,
+                          const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
+                          int64_t expert_hi);
+
+}  // namespace inductor_moe

@@ -1,0 +1,212 @@
+"""The ``inductor_moe`` custom ops: schemas, fake functions, CPU implementations (the reference) and the
+wiring of the CUDA implementations (C++, kernels/csrc/*.cpp), plus the public eager functions.
+
+Layering, per family: kernel (kernels/) -> custom op with fake (here) -> public function (here, re-exported
+by the package). See DESIGN.md for the contract of each op.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+from . import reference
+from .kernels import jit
+
+_lib = torch.library.Library("inductor_moe", "DEF")
+
+_FILTER_ARGS = "Tensor? expert_ids=None, int expert_step=1, int expert_lo=0, int expert_hi=2147483647"
+_lib.define(
+    f"act_and_mul(Tensor input, str activation, {_FILTER_ARGS}) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,)
+)
+_lib.define(
+    f"act_and_mul_out(Tensor input, Tensor(a!) out, str activation, {_FILTER_ARGS}) -> ()",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
+_MAX_INDEX = 2**31 - 1
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Argument checks, shared by the fake and CPU implementations. csrc/act_and_mul.cpp makes the same checks with the same
+# messages for CUDA (it cannot call back into Python without costing the ~45 us a C++ op saves).
+# Comparisons that involve sizes use guard_or_false, so a symbolic batch is never specialised by a check.
+
+
+def guard_or_false(cond) -> bool:
+    # imported here: symbolic_shapes costs ~0.45 s at import, and only fake/CPU calls get here
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return guard_or_false(cond)
+
+
+def _check(cond, msg: str) -> None:
+    torch._check(cond, lambda: f"inductor_moe.act_and_mul: {msg}")
+
+
+def _flat_row_stride(t: torch.Tensor):
+    """Row stride of ``t`` viewed as [rows, t.shape[-1]], or None if its leading dims do not flatten."""
+    if t.dim() <= 1:
+        return t.shape[-1]
+    stride = expected = None
+    for i in range(t.dim() - 2, -1, -1):
+        if guard_or_false(t.shape[i] == 1):
+            continue
+        if stride is None:
+            stride = t.stride(i)
+        elif not guard_or_false(t.stride(i) == expected):
+            return None
+        expected = t.stride(i) * t.shape[i]
+    return t.shape[-1] if stride is None else stride
+
+
+def _check_layout(name: str, t: torch.Tensor) -> None:
+    contiguous_last = guard_or_false(t.shape[-1] <= 1) or guard_or_false(t.stride(-1) == 1)
+    _check(
+        contiguous_last and _flat_row_stride(t) is not None,
+        f"{name} must have a contiguous last dim and leading dims that flatten to one row stride; "
+        f"got strides {list(t.stride())}",
+    )
+
+
+def _check_act_and_mul(input, out, activation, expert_ids, expert_step) -> None:
+    _check(
+        activation in reference.ACTIVATIONS,
+        f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
+    )
+    _check(input.dim() >= 1, "input must have at least one dim")
+    _check(input.dtype in _DTYPES, f"input dtype must be float16, bfloat16 or float32, got {input.dtype}")
+    two_d = input.shape[-1]
+    _check(two_d % 2 == 0, f"the last dim of input must be even (gate and up halves), got {two_d}")
+    _check(two_d <= _MAX_INDEX, f"the last dim of input ({two_d}) must be below 2**31")
+    _check_layout("input", input)
+    rows = math.prod(input.shape[:-1])
+    _check(rows <= _MAX_INDEX, f"at most 2**31-1 rows are supported, got {rows}")
+    if out is not None:
+        _check(out.dtype == input.dtype, f"out dtype {out.dtype} must match input dtype {input.dtype}")
+        _check(out.device == input.device, f"out must be on {input.device}, got {out.device}")
+        expected = (*input.shape[:-1], two_d // 2)
+        _check(tuple(out.shape) == expected, f"out must have shape {list(expected)}, got {list(out.shape)}")
+        _check_layout("out", out)
+    _check(expert_step >= 1, f"expert_step must be >= 1, got {expert_step}")
+    if expert_ids is None:
+        return
+    ids = expert_ids
+    _check(ids.dtype in (torch.int32, torch.int64), f"expert_ids must be int32 or int64, got {ids.dtype}")
+    _check(ids.device == input.device, f"expert_ids must be on {input.device}, got {ids.device}")
+    _check(ids.is_contiguous(), "expert_ids must be contiguous")
+    blocks = (rows + expert_step - 1) // expert_step
+    msg = (
+        f"expert_ids must have shape input.shape[:-1] (expert_step=1) or [{blocks}] "
+        f"(= ceil(rows / expert_step)), got {list(ids.shape)}"
+    )
+    # One torch._check per size: on an unbacked batch each becomes a runtime assert instead of a guard.
+    if expert_step == 1 and ids.dim() == input.dim() - 1:
+        for have, want in zip(ids.shape, input.shape[:-1]):
+            _check(have == want, msg)
+    else:
+        _check(ids.dim() == 1, msg)
+        _check(ids.shape[0] == blocks, msg)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# act_and_mul / act_and_mul_out: fake and CPU (reference) implementations
+
+
+@torch.library.register_fake("inductor_moe::act_and_mul")
+def _act_and_mul_fake(input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
+    _check_act_and_mul(input, None, activation, expert_ids, expert_step)
+    return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))  # contiguous, as the kernel allocates
+
+
+@torch.library.register_fake("inductor_moe::act_and_mul_out")
+def _act_and_mul_out_fake(input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
+    _check_act_and_mul(input, out, activation, expert_ids, expert_step)
+
+
+@torch.library.impl(_lib, "act_and_mul", "CPU")
+def _act_and_mul_cpu(input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
+    _check_act_and_mul(input, None, activation, expert_ids, expert_step)
+    return reference.act_and_mul_ref(input, activation, expert_ids, expert_step, expert_lo, expert_hi)
+
+
+@torch.library.impl(_lib, "act_and_mul_out", "CPU")
+def _act_and_mul_out_cpu(input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
+    _check_act_and_mul(input, out, activation, expert_ids, expert_step)
+    reference.act_and_mul_ref(input, activation, expert_ids, expert_step, expert_lo, expert_hi, out=out)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# CUDA: the kernels are registered from C++ when the host glue loads. Until then a trampoline holds each CUDA
+# slot; the first CUDA call builds (or loads from the disk cache) the glue, removes the trampolines and
+# re-dispatches, so every later call goes straight to C++. Importing the package therefore never compiles.
+
+_CUDA_OPS = ("act_and_mul", "act_and_mul_out")
+_trampolines = torch.library.Library("inductor_moe", "IMPL")
+_trampoline_lock = threading.Lock()
+
+
+def load_cuda_kernels() -> None:
+    """Build/load the CUDA host glue now instead of at the first CUDA call (e.g. before CUDA-graph capture)."""
+    with _trampoline_lock:
+        jit.load_host_library(before_register=_trampolines._destroy)
+
+
+def _make_trampoline(name: str):
+    def trampoline(*args):
+        load_cuda_kernels()
+        return getattr(torch.ops.inductor_moe, name).default(*args)
+
+    return trampoline
+
+
+for _name in _CUDA_OPS:
+    _trampolines.impl(_name, _make_trampoline(_name), "CUDA")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Public eager API (drop-in for SGLang-style call sites)
+
+_act_and_mul_op = torch.ops.inductor_moe.act_and_mul.default
+_act_and_mul_out_op = torch.ops.inductor_moe.act_and_mul_out.default
+
+
+def act_and_mul(
+    activation: str,
+    input: torch.Tensor,
+    out: torch.Tensor | None = None,
+    expert_ids: torch.Tensor | None = None,
+    expert_step: int = 1,
+    expert_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``act(input[..., :d]) * input[..., d:]`` for activation ``silu``, ``gelu`` (erf) or ``gelu_tanh``.
+
+    With ``expert_ids``, row ``r`` is computed only if ``lo <= expert_ids[r // expert_step] < hi`` where
+    ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``: the id ``-1`` marks a dead row; pass
+    ``(0, num_experts)`` to also treat ``id >= num_experts`` as dead, or a local expert range for expert
+    parallelism). Without ``out`` a new tensor is returned and dead rows are zero; with ``out`` the result is
+    written there, dead rows are left untouched, and ``out`` is returned.
+    """
+    lo, hi = (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
+    if out is None:
+        return _act_and_mul_op(input, activation, expert_ids, expert_step, lo, hi)
+    _act_and_mul_out_op(input, out, activation, expert_ids, expert_step, lo, hi)
+    return out
+
+
+def silu_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+    """``silu(input[..., :d]) * input[..., d:]``; see :func:`act_and_mul`."""
+    return act_and_mul("silu", input, out, expert_ids, expert_step, expert_range)
+
+
+def gelu_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+    """``gelu(input[..., :d]) * input[..., d:]`` with the erf GELU; see :func:`act_and_mul`."""
+    return act_and_mul("gelu", input, out, expert_ids, expert_step, expert_range)
+
+
+def gelu_tanh_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+    """``gelu(input[..., :d], approximate="tanh") * input[..., d:]``; see :func:`act_and_mul`."""
+    return act_and_mul("gelu_tanh", input, out, expert_ids, expert_step, expert_range)

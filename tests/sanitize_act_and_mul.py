@@ -1,0 +1,41 @@
+"""Driver for compute-sanitizer (memcheck, racecheck) on the device machine; not collected by pytest.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_act_and_mul.py
+
+Without the caching allocator every tensor is its own allocation, so a read or write one element past a
+tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-byte and element-wise
+accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain.
+"""
+
+import torch
+
+import inductor_moe as im
+from inductor_moe import reference
+
+
+def main():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, d in ((1, 8), (7, 13), (37, 264), (65, 4100)):
+            x = torch.randn(rows, 2 * d, device="cuda").to(dtype)
+            ids = torch.randint(-1, 4, (rows,), device="cuda", dtype=torch.int32)
+            blocks = torch.randint(-1, 4, ((rows + 15) // 16,), device="cuda")
+            out = torch.empty(rows, d, device="cuda", dtype=dtype)
+            for act in reference.ACTIVATIONS:
+                y = im.act_and_mul(act, x)
+                im.act_and_mul(act, x, out=out, expert_ids=ids)
+                z = im.act_and_mul(act, x, expert_ids=blocks, expert_step=16)
+                misaligned = im.act_and_mul(act, torch.cat([x.flatten(), x.new_zeros(1)])[1:].view(rows, 2 * d))
+                torch.testing.assert_close(y, reference.act_and_mul_ref(x, act), rtol=1e-2, atol=1e-3)
+                del z, misaligned
+            h = x
+            for _ in range(3):
+                if h.shape[-1] % 2:
+                    break
+                h = im.silu_and_mul(h)
+    torch.cuda.synchronize()
+    print("sanitize_act_and_mul: done")
+
+
+if __name__ == "__main__":
+    main()

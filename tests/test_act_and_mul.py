@@ -1,0 +1,444 @@
+"""act_and_mul / act_and_mul_out: reference semantics, the op on every device against the reference, the
+expert filter, bad inputs, opcheck, fake functions and torch.compile.
+
+Tests taking ``device`` run on the CPU in CI (the op's CPU implementation is the reference, so there they
+prove the dispatch, checks and shapes) and on the GPU on the device machine (there they prove the kernel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import inductor_moe as im
+from inductor_moe import reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTIVATIONS = list(reference.ACTIVATIONS)
+
+# Kernel and reference both compute in fp32 and round once; they differ only by the few fp32 ulps of
+# expf/erff/tanhf, which can move a result across one rounding boundary: at most one ulp of the output dtype
+# (bf16 2**-7 relative, fp16 2**-10).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
+}
+
+
+def randn(*shape, dtype=torch.float32, device="cpu"):
+    # Scale 3: the activations' tails (x << 0, erf/tanh saturation) are exercised, not just the middle.
+    return (torch.randn(*shape, device=device) * 3).to(dtype)
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
+
+
+def poison_allocator(shape, dtype, device):
+    """Leave a NaN-filled block of exactly this size in the CUDA caching allocator, so an output the op
+    allocates next most likely reuses it and any element the kernel fails to write shows up as NaN."""
+    if device == "cuda":
+        del_me = torch.full(shape, float("nan"), dtype=dtype, device=device)
+        del del_me
+
+
+def assert_matches_reference(out, ref):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any(), "unwritten (poisoned) or NaN elements in the output"
+    torch.testing.assert_close(out, ref, **TOL[out.dtype])
+    if out.dtype != torch.float32 and out.numel() >= 1000:
+        # One-ulp differences must stay rare: a systematic bias (truncation instead of round-to-nearest-even,
+        # a wrong constant) would flip a large fraction of elements.
+        assert (out != ref).float().mean().item() < 0.01
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reference semantics: the spec checked against independent float64 formulas
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_reference_formulas(activation):
+    x = randn(37, 2 * 19, dtype=torch.float64)
+    g, u = x[:, :19], x[:, 19:]
+    if activation == "silu":
+        expected = g * torch.sigmoid(g) * u
+    elif activation == "gelu":
+        expected = 0.5 * g * (1 + torch.erf(g / math.sqrt(2))) * u
+    else:
+        expected = 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3))) * u
+    torch.testing.assert_close(reference.act_and_mul_ref(x, activation), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_rounds_once():
+    # fp32 math rounded once: within one bf16 ulp of the exact result and almost always equal to it, unlike
+    # the double rounding of silu(g.bf16) * u.bf16, which the kernels (and Inductor's fused code) do not do.
+    x = randn(4096, 64, dtype=torch.bfloat16)
+    exact = reference.act_and_mul_ref(x.double(), "silu").to(torch.bfloat16)
+    single = reference.act_and_mul_ref(x, "silu")
+    d = x.shape[-1] // 2
+    double = torch.nn.functional.silu(x[:, :d]) * x[:, d:]
+    torch.testing.assert_close(single, exact, rtol=2**-7, atol=0)
+    assert (single != exact).float().mean() < 0.002
+    assert (double != exact).float().mean() > 0.05
+
+
+def test_reference_filter_semantics():
+    x = randn(6, 8)
+    ids = torch.tensor([0, -1, 3, 8, -5, 7])
+    y = reference.act_and_mul_ref(x, "silu")
+    # default range: only negative ids are dead
+    z = reference.act_and_mul_ref(x, "silu", ids)
+    live = torch.tensor([True, False, True, True, False, True])
+    assert torch.equal(z[live], y[live]) and torch.equal(z[~live], torch.zeros_like(z[~live]))
+    # (0, 8): id >= 8 is dead too; untouched mode leaves dead rows alone
+    out = torch.full((6, 4), 5.0)
+    reference.act_and_mul_ref(x, "silu", ids, expert_hi=8, out=out)
+    live = torch.tensor([True, False, True, False, False, True])
+    assert torch.equal(out[live], y[live]) and torch.equal(out[~live], torch.full((3, 4), 5.0))
+    # per-block ids: rows 0-3 follow ids[0], rows 4-5 follow ids[1]
+    z = reference.act_and_mul_ref(x, "silu", torch.tensor([-1, 2]), expert_step=4)
+    assert torch.equal(z[:4], torch.zeros(4, 4)) and torch.equal(z[4:], y[4:])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The op against the reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(
+    "rows,d",
+    [(0, 64), (1, 1), (1, 14336), (7, 13), (37, 1024), (37, 4100), (4097, 13), (4097, 1024), (64, 2 * 4096 + 8)],
+)
+def test_op_matches_reference(device, dtype, activation, rows, d):
+    x = randn(rows, 2 * d, dtype=dtype, device=device)
+    poison_allocator((rows, d), dtype, device)
+    out = im.act_and_mul(activation, x)
+    assert out.is_contiguous()
+    assert_matches_reference(out, reference.act_and_mul_ref(x, activation))
+    # out= variant, into a poisoned buffer: every element must be written
+    out2 = poisoned_like(out)
+    assert im.act_and_mul(activation, x, out=out2) is out2
+    assert torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_names(device):
+    x = randn(5, 2 * 24, dtype=torch.bfloat16, device=device)
+    for fn, act in [(im.silu_and_mul, "silu"), (im.gelu_and_mul, "gelu"), (im.gelu_tanh_and_mul, "gelu_tanh")]:
+        assert torch.equal(fn(x), im.act_and_mul(act, x))
+        assert torch.equal(fn(x), torch.ops.inductor_moe.act_and_mul(x, act))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_leading_dims(device, dtype):
+    x = randn(3, 5, 2 * 40, dtype=dtype, device=device)
+    ids = torch.randint(-1, 4, (3, 5), device=device)
+    out = im.silu_and_mul(x, expert_ids=ids)
+    assert out.shape == (3, 5, 40)
+    assert_matches_reference(out, reference.act_and_mul_ref(x, "silu", ids))
+    # ids flattened to [rows] mean the same thing
+    assert torch.equal(im.silu_and_mul(x, expert_ids=ids.flatten()), out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_rows(device):
+    # rows with a stride larger than the row: a slice of a wider buffer, for input and out
+    big = randn(37, 2 * 64 + 24, dtype=torch.bfloat16, device=device)
+    x = big[:, : 2 * 64]
+    out_big = torch.full((37, 80), float("nan"), dtype=torch.bfloat16, device=device)
+    out = out_big[:, :64]
+    im.silu_and_mul(x, out=out)
+    assert_matches_reference(out, reference.act_and_mul_ref(x, "silu"))
+    assert out_big[:, 64:].isnan().all()  # nothing written past the view
+    # a stride over leading dims that still flattens (size-1 dims are ignored)
+    y = randn(1, 37, 1, 2 * 16, device=device)
+    assert_matches_reference(im.silu_and_mul(y), reference.act_and_mul_ref(y, "silu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_storage(device, dtype):
+    # storage offset of one element: no 16-byte accesses possible, the element-wise path must be right
+    buf = randn(7 * 2 * 64 + 1, dtype=dtype, device=device)
+    x = buf[1:].view(7, 2 * 64)
+    assert_matches_reference(im.gelu_and_mul(x), reference.act_and_mul_ref(x, "gelu"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The expert filter
+
+
+def make_ids(blocks, case, convention, device, num_experts=8):
+    live = torch.randint(0, num_experts, (blocks,), device=device)
+    if convention == "minus_one":
+        dead = torch.full_like(live, -1)
+    else:  # "ge_num_experts": ids >= E mark experts that live elsewhere
+        dead = torch.randint(num_experts, 2 * num_experts, (blocks,), device=device)
+    if case == "none_dead":
+        return live
+    if case == "all_dead":
+        return dead
+    return torch.where(torch.rand(blocks, device=device) < 0.4, dead, live)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["random", "all_dead", "none_dead"])
+@pytest.mark.parametrize("expert_step", [1, 64])
+@pytest.mark.parametrize("convention", ["minus_one", "ge_num_experts"])
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_filter(device, dtype, case, expert_step, convention, ids_dtype):
+    rows, d = 37 * 7, 104  # rows not a multiple of expert_step: the last block is partial
+    x = randn(rows, 2 * d, dtype=dtype, device=device)
+    ids = make_ids(math.ceil(rows / expert_step), case, convention, device).to(ids_dtype)
+    expert_range = None if convention == "minus_one" else (0, 8)
+    lo, hi = expert_range or (reference.EXPERT_LO, reference.EXPERT_HI)
+    live = reference.live_rows_ref(ids, rows, expert_step, lo, hi)
+    kwargs = dict(expert_ids=ids, expert_step=expert_step, expert_range=expert_range)
+
+    # zero mode: dead rows are zero
+    poison_allocator((rows, d), dtype, device)
+    out = im.silu_and_mul(x, **kwargs)
+    ref = reference.act_and_mul_ref(x, "silu", ids, expert_step, lo, hi)
+    assert_matches_reference(out, ref)
+    assert torch.equal(out[~live], torch.zeros_like(out[~live]))
+
+    # untouched mode: dead rows keep the poison, live rows are written
+    out2 = poisoned_like(out)
+    im.silu_and_mul(x, out=out2, **kwargs)
+    assert out2[~live].isnan().all()
+    assert torch.equal(out2[live], out[live])
+
+    if case == "none_dead":  # the filter must not change a single bit of the live rows
+        assert torch.equal(out, im.silu_and_mul(x))
+    if case == "all_dead":
+        assert not out.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_filter_local_expert_range(device):
+    # expert parallelism: this rank owns experts [16, 32) of 128; everything else is dead
+    x = randn(500, 2 * 48, dtype=torch.bfloat16, device=device)
+    ids = torch.randint(0, 128, (500,), device=device, dtype=torch.int32)
+    out = im.gelu_tanh_and_mul(x, expert_ids=ids, expert_range=(16, 32))
+    live = (ids >= 16) & (ids < 32)
+    assert_matches_reference(out, reference.act_and_mul_ref(x, "gelu_tanh", ids, 1, 16, 32))
+    assert torch.equal(out[live], im.gelu_tanh_and_mul(x)[live])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error, never a crash or garbage
+
+
+def _bad_cases(device):
+    other = "cpu" if device == "cuda" else "meta"
+    x = randn(4, 16, dtype=torch.bfloat16, device=device)
+    ids = torch.zeros(4, dtype=torch.int32, device=device)
+    return [
+        ("dtype", lambda: im.silu_and_mul(x.to(torch.float64)), "dtype must be float16, bfloat16 or float32"),
+        ("int dtype", lambda: im.silu_and_mul(x.to(torch.int32)), "dtype must be float16, bfloat16 or float32"),
+        ("odd last dim", lambda: im.silu_and_mul(x[:, :15]), "must be even"),
+        ("activation", lambda: im.act_and_mul("relu", x), "activation must be one of"),
+        ("0-dim", lambda: im.silu_and_mul(x[0, 0]), "at least one dim"),
+        ("last dim stride", lambda: im.silu_and_mul(randn(16, 4, device=device).t()), "contiguous last dim"),
+        (
+            "leading dims",
+            lambda: im.silu_and_mul(randn(5, 3, 16, device=device).transpose(0, 1)),
+            "flatten to one row stride",
+        ),
+        ("out dtype", lambda: im.silu_and_mul(x, out=torch.empty(4, 8, device=device)), "out dtype"),
+        ("out shape", lambda: im.silu_and_mul(x, out=x.new_empty(4, 9)), r"out must have shape \[4, 8\]"),
+        ("out device", lambda: im.silu_and_mul(x, out=x.new_empty(4, 8, device=other)), "out must be on"),
+        (
+            "out layout",
+            lambda: im.silu_and_mul(x, out=x.new_empty(8, 4).t()),
+            "out must have a contiguous last dim",
+        ),
+        ("ids dtype", lambda: im.silu_and_mul(x, expert_ids=ids.float()), "expert_ids must be int32 or int64"),
+        ("ids device", lambda: im.silu_and_mul(x, expert_ids=ids.to(other)), "expert_ids must be on"),
+        ("ids shape", lambda: im.silu_and_mul(x, expert_ids=ids[:3]), r"expert_ids must have shape"),
+        ("ids 2d", lambda: im.silu_and_mul(x, expert_ids=ids.view(2, 2)), r"expert_ids must have shape"),
+        (
+            "ids blocks",
+            lambda: im.silu_and_mul(x, expert_ids=ids, expert_step=2),
+            r"expert_ids must have shape .*\[2\]",
+        ),
+        (
+            "ids non-contiguous",
+            lambda: im.silu_and_mul(x, expert_ids=torch.zeros(4, 2, dtype=torch.int32, device=device)[:, 0]),
+            "expert_ids must be contiguous",
+        ),
+        ("expert_step", lambda: im.silu_and_mul(x, expert_ids=ids, expert_step=0), "expert_step must be >= 1"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    for name, call, message in _bad_cases(device):
+        with pytest.raises(RuntimeError, match=message):
+            call()
+            pytest.fail(f"no error for bad input: {name}")
+
+
+def test_sizes_past_32_bit_indexing_rejected():
+    # Meta tensors reach the fake function without allocating: the limits are checked without a GPU.
+    with pytest.raises(RuntimeError, match=r"must be below 2\*\*31"):
+        im.silu_and_mul(torch.empty(1, 2**32, dtype=torch.bfloat16, device="meta"))
+    with pytest.raises(RuntimeError, match=r"at most 2\*\*31-1 rows"):
+        im.silu_and_mul(torch.empty(2**31, 2, dtype=torch.bfloat16, device="meta"))
+    # large but legal: 2**31 elements in total needs 64-bit offsets, not an error
+    assert im.silu_and_mul(torch.empty(2**17, 2**14, dtype=torch.bfloat16, device="meta")).shape == (2**17, 2**13)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# opcheck, fake functions under symbolic shapes, torch.compile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("filtered", [False, True])
+def test_opcheck(device, filtered):
+    x = randn(3, 5, 2 * 24, dtype=torch.bfloat16, device=device)
+    ids = torch.randint(-1, 8, (3, 5), device=device) if filtered else None
+    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x, "silu", ids, 1, 0, 8))
+    out = torch.zeros(3, 5, 24, dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul_out.default, (x, out, "gelu", ids, 1, 0, 8))
+    blocks = torch.tensor([1, -1], device=device)
+    x2 = randn(100, 2 * 8, device=device)
+    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x2, "gelu_tanh", blocks, 64, 0, 8))
+
+
+def test_fake_symbolic_shapes():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, ids):
+        return torch.ops.inductor_moe.act_and_mul(x, "silu", ids)
+
+    gm = make_fx(f, tracing_mode="symbolic")(randn(6, 2 * 10), torch.zeros(6, dtype=torch.int64))
+    (node,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    x_val, out_val = node.args[0].meta["val"], node.meta["val"]
+    assert isinstance(out_val.shape[0], torch.SymInt) and isinstance(out_val.shape[1], torch.SymInt)
+    assert out_val.shape[0] == x_val.shape[0]
+    assert str(out_val.shape[1]) == str(x_val.shape[1] // 2)
+    assert out_val.stride() == (out_val.shape[1], 1)
+    # the batch stayed symbolic: the same graph runs other sizes
+    x = randn(9, 2 * 7)
+    ids = torch.tensor([0, -1, 2, 3, -1, 0, 1, 1, -1])
+    assert torch.equal(gm(x, ids), reference.act_and_mul_ref(x, "silu", ids))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["backed", "unbacked"])
+def test_compile_no_recompile_across_batch(device, mode):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.fx.experimental import _config as fx_config
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(x, ids):
+        return im.silu_and_mul(x, expert_ids=ids) * 2
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    # backed: sizes 0/1 are not specialised (backed_size_oblivious); unbacked: no guards on the batch at all
+    with fx_config.patch(backed_size_oblivious=mode == "backed"):
+        for t in (1, 2, 3, 64, 1000, 4096):
+            x = randn(t, 2 * 32, device=device)
+            ids = torch.randint(-1, 8, (t,), device=device)
+            mark = torch._dynamo.mark_dynamic if mode == "backed" else torch._dynamo.decorators.mark_unbacked
+            mark(x, 0)
+            mark(ids, 0)
+            torch.testing.assert_close(compiled(x, ids), f(x, ids), rtol=0, atol=0)
+    assert counter.frame_count == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU only: PDL, CUDA graphs, streams, 64-bit offsets
+
+
+def _chain(x, steps):
+    """Each launch reads what the previous one wrote: with PDL, a missing or late wait shows up here."""
+    outs = [x]
+    for _ in range(steps):
+        outs.append(im.silu_and_mul(outs[-1]))
+    return outs
+
+
+@pytest.mark.cuda
+def test_pdl_on_and_off(monkeypatch):
+    x = randn(4097, 2 * 2048, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(-1, 8, (4097,), device="cuda")
+    results = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
+        results[pdl] = (im.silu_and_mul(x, expert_ids=ids), _chain(x, 4))
+    assert torch.equal(results["0"][0], results["1"][0])
+    for a, b in zip(results["0"][1], results["1"][1]):
+        assert torch.equal(a, b)
+    outs = results["1"][1]
+    for prev, nxt in zip(outs, outs[1:]):
+        assert_matches_reference(nxt, reference.act_and_mul_ref(prev, "silu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_cuda_graph_capture_and_replay(monkeypatch, pdl):
+    monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
+    x = randn(300, 2 * 1024, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(-1, 8, (300,), device="cuda", dtype=torch.int32)
+    out = torch.empty(300, 1024, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        y = im.silu_and_mul(x, expert_ids=ids)  # zero mode
+        im.gelu_and_mul(x, out=out, expert_ids=ids)  # untouched mode
+        return y, im.gelu_tanh_and_mul(y)  # a dependent launch inside the graph
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, z = step()
+    for _ in range(3):
+        x.copy_(randn(300, 2 * 1024, dtype=torch.bfloat16, device="cuda"))
+        ids.copy_(torch.randint(-1, 8, (300,), device="cuda", dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        live = ids >= 0
+        assert_matches_reference(y, reference.act_and_mul_ref(x, "silu", ids))
+        assert_matches_reference(z, reference.act_and_mul_ref(y, "gelu_tanh"))
+        assert out[~live].isnan().all()
+        assert_matches_reference(out[live], reference.act_and_mul_ref(x, "gelu")[live])
+
+
+@pytest.mark.cuda
+def test_current_stream_is_used():
+    x = randn(2048, 2 * 4096, dtype=torch.bfloat16, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        slow = x.float().exp().sum()  # queue work ahead of ours on the side stream
+        out = im.silu_and_mul(x)
+        out_ref = reference.act_and_mul_ref(x, "silu")
+    side.synchronize()
+    del slow
+    assert_matches_reference(out, out_ref)
+
+
+@pytest.mark.cuda
+def test_offsets_past_32_bits():
+    # 131073 rows x 16384 columns = 2**31 + 16384 input elements: row offsets need 64 bits
+    rows, d = 2**17 + 1, 8192
+    x = torch.empty(rows, 2 * d, dtype=torch.bfloat16, device="cuda")
+    x[:8].normal_()
+    x[-8:].normal_()
+    ids = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    ids[-3] = -1
+    out = im.silu_and_mul(x, expert_ids=ids)
+    assert_matches_reference(out[:8], reference.act_and_mul_ref(x[:8], "silu"))
+    assert_matches_reference(out[-8:], reference.act_and_mul_ref(x[-8:], "silu", ids[-8:]))
+    assert not out[-3].any()

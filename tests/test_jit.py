@@ -1,0 +1,147 @@
+"""The JIT: every kernel variant compiles for sm_80, sm_90a and sm_100a (NVRTC, no GPU needed), the disk
+cache, concurrent compiles, and clear errors when a toolchain piece is missing."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from inductor_moe import config
+from inductor_moe.kernels import jit
+
+ELF_MAGIC = b"\x7fELF"
+
+# Every act_and_mul variant csrc/act_and_mul.cpp can ask for: dtype code (fp32, fp16, bf16) x activation x filter
+# (none, int32 ids, int64 ids) x access width (one element, or 16 bytes = 4 fp32 / 8 half elements).
+ACT_AND_MUL_VARIANTS = [
+    dict(IM_DTYPE=dtype, IM_ACT=act, IM_FILTER=filt, IM_VEC=vec)
+    for dtype, act, filt in itertools.product(range(3), range(3), range(3))
+    for vec in (1, 4 if dtype == 0 else 8)
+]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INDUCTOR_MOE_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a", "sm_100a"])
+def test_every_act_and_mul_variant_compiles(cache, arch):
+    paths = {jit.compile_variant("act_and_mul", v, arch) for v in ACT_AND_MUL_VARIANTS}
+    assert len(paths) == len(ACT_AND_MUL_VARIANTS)  # one cache entry per variant
+    for p in paths:
+        assert p.read_bytes()[:4] == ELF_MAGIC
+
+
+def test_pdl_instructions_only_on_sm90_and_later(cache):
+    # griddepcontrol is sm90+: the same source must build for sm_80 without it, and keep it for sm_90.
+    variant = ACT_AND_MUL_VARIANTS[-1]
+    ptx80 = jit.compile_variant("act_and_mul", variant, "compute_80").read_text()
+    ptx90 = jit.compile_variant("act_and_mul", variant, "compute_90").read_text()
+    assert "griddepcontrol" not in ptx80
+    assert "griddepcontrol.wait" in ptx90 and "griddepcontrol.launch_dependents" in ptx90
+    # the wait comes before the first global load (the expert id included)
+    assert ptx90.index("griddepcontrol.wait") < ptx90.index("ld.global")
+    # 16-byte accesses in the wide variant
+    assert "ld.global.v4.u32" in ptx90 or "ld.global.v4.b32" in ptx90
+
+
+def test_cache_hit_does_not_recompile(cache, monkeypatch):
+    variant = ACT_AND_MUL_VARIANTS[0]
+    first = jit.compile_variant("act_and_mul", variant, "sm_90a")
+    stamp = first.stat().st_mtime_ns
+    nvrtc, version = jit._nvrtc()
+
+    class NoCompile:
+        def __getattr__(self, name):
+            if name == "nvrtcCompileProgram":
+                raise AssertionError("cache miss: NVRTC compiled again")
+            return getattr(nvrtc, name)
+
+    monkeypatch.setattr(jit, "_nvrtc", lambda: (NoCompile(), version))
+    assert jit.compile_variant("act_and_mul", variant, "sm_90a") == first
+    assert first.stat().st_mtime_ns == stamp
+
+
+def test_cache_key_separates_arch_and_defines(cache):
+    a = jit.compile_variant("act_and_mul", ACT_AND_MUL_VARIANTS[0], "sm_90a")
+    b = jit.compile_variant("act_and_mul", ACT_AND_MUL_VARIANTS[0], "sm_80")
+    c = jit.compile_variant("act_and_mul", ACT_AND_MUL_VARIANTS[1], "sm_90a")
+    assert len({a, b, c}) == 3
+
+
+def test_concurrent_processes_share_the_cache(cache):
+    script = textwrap.dedent(
+        """
+        from inductor_moe.kernels import jit
+        print(jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_ACT=1, IM_FILTER=1, IM_VEC=8), "sm_90a"))
+        """
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(outs)) == 1
+    files = list((cache / "kernels").iterdir())
+    assert [f.name for f in files] == [Path(outs[0]).name]  # no temporaries left behind
+    assert files[0].read_bytes()[:4] == ELF_MAGIC
+
+
+def test_target_for_known_and_future_arch():
+    archs = jit.supported_archs()
+    assert 80 in archs and 90 in archs
+    assert jit.target_for(9, 0) == "sm_90"
+    # a device newer than this NVRTC: PTX for the newest arch it knows, JIT-compiled by the driver
+    assert jit.target_for(99, 9) == f"compute_{max(archs)}"
+    with pytest.raises(RuntimeError, match="cannot target"):
+        jit.target_for(1, 0)
+
+
+def test_compile_error_is_reported_with_log(cache):
+    with pytest.raises(RuntimeError, match=r"(?s)compiling act_and_mul .*identifier \"IM_ACT\" is undefined"):
+        jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_FILTER=0, IM_VEC=8), "sm_90a")
+
+
+def test_missing_nvrtc_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.nvrtc", None)
+    with pytest.raises(RuntimeError, match="pip install cuda-bindings nvidia-cuda-nvrtc"):
+        jit.compile_variant("act_and_mul", ACT_AND_MUL_VARIANTS[0], "sm_90a")
+
+
+def test_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("INDUCTOR_MOE_CXX", "no-such-compiler-xyz")
+    with pytest.raises(RuntimeError, match="'no-such-compiler-xyz' was not found"):
+        config.cxx()
+    with pytest.raises(RuntimeError, match="'no-such-compiler-xyz' was not found"):
+        jit.build_host_library()
+
+
+def test_host_glue_builds_and_registers_the_cuda_kernels(cache):
+    """The host glue needs only device-generic torch headers and cuda.h, so it builds and loads against a CPU-only
+    torch too: loading replaces the first-call trampolines with the C++ kernels in the CUDA slots."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from inductor_moe import ops
+        dump = lambda name: [l for l in torch._C._dispatch_dump(name).splitlines() if l.startswith("CUDA:")][0]
+        print(dump("inductor_moe::act_and_mul"))
+        ops.load_cuda_kernels()
+        ops.load_cuda_kernels()  # idempotent
+        print(dump("inductor_moe::act_and_mul"))
+        print(dump("inductor_moe::act_and_mul_out"))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    before, after, after_out = result.stdout.splitlines()
+    assert "ops.py" in before and "[ boxed ]" in before  # the Python trampoline
+    for line in (after, after_out):
+        assert "registration.cpp" in line and "unboxed" in line, line
+    assert len(list((cache / "host").glob("*/libinductor_moe_host.so"))) == 1
