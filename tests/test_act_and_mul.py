@@ -20,10 +20,11 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTIVATIONS = list(reference.ACTIVATIONS)
 
 # Kernel and reference both compute in fp32 and round once; they differ only by the few fp32 ulps of
-# expf/erff/tanhf, which can move a result across one rounding boundary: at most one ulp of the output dtype
-# (bf16 2**-7 relative, fp16 2**-10).
+# expf/erff/tanhf, which can move a half-precision result across one rounding boundary: at most one ulp of
+# the output dtype (bf16 2**-7 relative, fp16 2**-10). In fp32 those ulps show directly, amplified where
+# 1 + tanh(.) cancels for negative inputs (seen: 1.04e-6 absolute on a 3.4e-3 result, 1 of 4.2M elements).
 TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
     torch.float16: dict(rtol=1e-3, atol=1e-5),
     torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
 }

@@ -141,10 +141,18 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_ACT=" + std::to_string(act) +
                               ";IM_FILTER=" + std::to_string(filter) + ";IM_VEC=" + std::to_string(vec);
 
-  // One block row per input row; 32..256 threads, one pack each, and as many column chunks as cover d.
+  // Threads: x covers a row's packs (32..256), y stacks rows up to 256 threads a block. Blocks: enough to
+  // keep every SM full (kBlocksPerSm waves of them) and no more; the kernel loops over the remaining rows.
+  // A row is split into column chunks only when there are fewer row blocks than that.
+  constexpr int64_t kThreads = 256;
+  constexpr int64_t kBlocksPerSm = 2048 / kThreads * 2;
   const int64_t packs = d / vec;
-  const int64_t threads = std::min<int64_t>(256, (packs + 31) / 32 * 32);
-  const int64_t chunks = std::min<int64_t>(65535, (packs + threads - 1) / threads);
+  const int64_t tx = std::min<int64_t>(kThreads, (packs + 31) / 32 * 32);
+  const int64_t ty = std::max<int64_t>(1, kThreads / tx);
+  const int64_t max_blocks = multiprocessor_count(input.device()) * kBlocksPerSm;
+  const int64_t row_blocks = std::min<int64_t>((rows + ty - 1) / ty, max_blocks);
+  const int64_t chunks = std::clamp<int64_t>((max_blocks + row_blocks - 1) / row_blocks, 1,
+                                             std::min<int64_t>(65535, (packs + tx - 1) / tx));
 
   ActAndMulParams p;
   p.input = input.data_ptr();
@@ -160,8 +168,8 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.zero_dead = zero_dead ? 1 : 0;
   void* args[] = {&p};
   launch_kernel(input.device(), kActAndMulFamily, "act_and_mul", variant, defines,
-                Dim3{static_cast<unsigned>(rows), static_cast<unsigned>(chunks)}, Dim3{static_cast<unsigned>(threads)},
-                args);
+                Dim3{static_cast<unsigned>(row_blocks), static_cast<unsigned>(chunks)},
+                Dim3{static_cast<unsigned>(tx), static_cast<unsigned>(ty)}, args);
 }
 
 }  // namespace

@@ -3,7 +3,9 @@
 // choosing them with -DIM_DTYPE/-DIM_ACT/-DIM_FILTER/-DIM_VEC, and the host glue launches the entry point
 // inductor_moe_kernel.
 //
-// Grid: x = rows (one row per block row, so the expert id is read once per block), y = column chunks.
+// Block: threadIdx.x walks the columns of a row, threadIdx.y picks one of blockDim.y rows. Grid: x strides
+// over rows (capped near the number of resident blocks, so dead rows and short rows cost a loop iteration,
+// not a block), y splits a row into column chunks when there are too few rows to fill the device.
 // Each thread moves VEC elements of the output per step: two loads (gate, up), fp32 math, one store.
 #include "act_and_mul_params.h"
 #include "common.cuh"
@@ -32,28 +34,30 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
   using P = Pack<T, VEC>;
   pdl_wait();  // before the first global read, the expert id included
 
-  const long long row = blockIdx.x;
-  const bool live = row_is_live<FILTER>(p.expert_ids, row, p.expert_step, p.expert_lo, p.expert_hi);
-  if (!live && !p.zero_dead) return;  // an exiting block counts as having triggered its dependents
-  const T* gate = static_cast<const T*>(p.input) + row * p.in_row_stride;
-  const T* up = gate + p.d;
-  T* out = static_cast<T*>(p.out) + row * p.out_row_stride;
   const int packs = p.d / VEC;
-  const int step = gridDim.y * blockDim.x;
-  for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < packs; j += step) {
-    P o;
-    if (live) {
-      const P g = reinterpret_cast<const P*>(gate)[j];
-      const P u = reinterpret_cast<const P*>(up)[j];
+  const int col_step = gridDim.y * blockDim.x;
+  for (long long row = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y; row < p.rows;
+       row += static_cast<long long>(gridDim.x) * blockDim.y) {
+    const bool live = row_is_live<FILTER>(p.expert_ids, row, p.expert_step, p.expert_lo, p.expert_hi);
+    if (!live && !p.zero_dead) continue;  // untouched mode: a dead row costs one id read
+    const T* gate = static_cast<const T*>(p.input) + row * p.in_row_stride;
+    const T* up = gate + p.d;
+    T* out = static_cast<T*>(p.out) + row * p.out_row_stride;
+    for (int j = blockIdx.y * blockDim.x + threadIdx.x; j < packs; j += col_step) {
+      P o;
+      if (live) {
+        const P g = reinterpret_cast<const P*>(gate)[j];
+        const P u = reinterpret_cast<const P*>(up)[j];
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        o.v[i] = from_float<DTYPE>(activation<ACT>(to_float<DTYPE>(g.v[i])) * to_float<DTYPE>(u.v[i]));
+        for (int i = 0; i < VEC; ++i) {
+          o.v[i] = from_float<DTYPE>(activation<ACT>(to_float<DTYPE>(g.v[i])) * to_float<DTYPE>(u.v[i]));
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o.v[i] = from_float<DTYPE>(0.0f);
       }
-    } else {
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o.v[i] = from_float<DTYPE>(0.0f);
+      reinterpret_cast<P*>(out)[j] = o;
     }
-    reinterpret_cast<P*>(out)[j] = o;
   }
   // Trigger after the last write. Triggering right after the wait was slower on H100 (64x14336 bf16 in a
   // CUDA graph: 3.04 us vs 2.54 us): the next grid's blocks then sit resident while this one still streams.

@@ -81,6 +81,7 @@ struct DeviceInfo {
   CUcontext primary = nullptr;  // torch runs every device on its primary context
   int major = 0;
   int minor = 0;
+  int sms = 0;  // multiprocessors
 };
 
 // Set by kernels/jit.py: compile (or find in the disk cache) a variant for an arch and write its path to
@@ -104,6 +105,7 @@ const DeviceInfo& device_info(int index) {
              "cuDeviceGetAttribute");
     check_cu(d.device_get_attribute(&info.minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
              "cuDeviceGetAttribute");
+    check_cu(d.device_get_attribute(&info.sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "cuDeviceGetAttribute");
     CUcontext ctx;
     check_cu(d.primary_ctx_retain(&ctx, dev), "cuDevicePrimaryCtxRetain");
     info.primary = ctx;
@@ -162,6 +164,8 @@ CUstream current_stream(const c10::Device& device) {
 }
 
 }  // namespace
+
+int multiprocessor_count(const c10::Device& device) { return device_info(device.index()).sms; }
 
 void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family, uint32_t variant,
                    const std::string& defines, Dim3 grid, Dim3 block, void** args) {

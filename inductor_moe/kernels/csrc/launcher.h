@@ -12,6 +12,9 @@ struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
+// Number of streaming multiprocessors of a CUDA device (cached).
+int multiprocessor_count(const c10::Device& device);
+
 // Launches entry point `inductor_moe_kernel` of variant `defines` ("NAME=VALUE;...") of csrc/<family>.cu on
 // the current stream of `device`, with PDL on sm90+ (unless INDUCTOR_MOE_PDL=0). The first launch of a
 // variant on a device compiles it (or reads it from the disk cache) through the Python callback. `variant`
