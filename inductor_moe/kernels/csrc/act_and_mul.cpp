@@ -141,18 +141,19 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_ACT=" + std::to_string(act) +
                               ";IM_FILTER=" + std::to_string(filter) + ";IM_VEC=" + std::to_string(vec);
 
-  // Threads: x covers a row's packs (32..256), y stacks rows up to 256 threads a block. Blocks: enough to
-  // keep every SM full (kBlocksPerSm waves of them) and no more; the kernel loops over the remaining rows.
-  // A row is split into column chunks only when there are fewer row blocks than that.
+  // Threads: x covers a row's packs (32..256), y stacks rows up to 256 threads a block; one block row per
+  // row of the tensor. Rows are split into column chunks only while there are fewer row blocks than two
+  // waves of resident blocks. Not a row-strided grid capped at two waves: with random dead rows its blocks
+  // got uneven work (4096x2048 bf16, 87.5% dead: 6.30 us against 4.96 us with one row per block row).
   constexpr int64_t kThreads = 256;
   constexpr int64_t kBlocksPerSm = 2048 / kThreads * 2;
   const int64_t packs = d / vec;
   const int64_t tx = std::min<int64_t>(kThreads, (packs + 31) / 32 * 32);
   const int64_t ty = std::max<int64_t>(1, kThreads / tx);
-  const int64_t max_blocks = multiprocessor_count(input.device()) * kBlocksPerSm;
-  const int64_t row_blocks = std::min<int64_t>((rows + ty - 1) / ty, max_blocks);
-  const int64_t chunks = std::clamp<int64_t>((max_blocks + row_blocks - 1) / row_blocks, 1,
-                                             std::min<int64_t>(65535, (packs + tx - 1) / tx));
+  const int64_t row_blocks = (rows + ty - 1) / ty;
+  const int64_t wanted = multiprocessor_count(input.device()) * kBlocksPerSm;
+  const int64_t chunks =
+      std::clamp<int64_t>((wanted + row_blocks - 1) / row_blocks, 1, std::min<int64_t>(65535, (packs + tx - 1) / tx));
 
   ActAndMulParams p;
   p.input = input.data_ptr();
