@@ -194,6 +194,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip", nargs="*", default=[], choices=["unfiltered", "filtered", "host", "jit"])
+    parser.add_argument("--shapes", nargs="*", help="unfiltered shapes as TxD, e.g. 8192x14336")
+    parser.add_argument("--acts", nargs="*", choices=list(ACT_FNS), help="activations of the unfiltered table")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
@@ -207,6 +209,10 @@ def main():
         shapes = [(t, d) for t in (1, 64, 1024, 8192) for d in (768, 2048, 14336)]
         activations = list(ACT_FNS)
         filt_shapes, fractions = [(4096, 2048), (8192, 14336)], [0.0, 0.25, 0.5, 0.875]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes]
+    if args.acts:
+        activations = args.acts
     if "jit" not in args.skip:
         bench_jit()
     if "host" not in args.skip:

@@ -88,12 +88,7 @@ def _nvrtc():
 def _nvrtc_check(nvrtc, err, what: str, prog=None) -> None:
     if err == nvrtc.nvrtcResult.NVRTC_SUCCESS:
         return
-    detail = ""
-    if prog is not None:
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        buf = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, buf)
-        detail = "\n" + buf.rstrip(b"\0 ").decode(errors="replace")
+    detail = "" if prog is None else "\n" + _program_log(nvrtc, prog)
     raise RuntimeError(f"inductor_moe: {what} failed: {err.name}{detail}")
 
 
@@ -118,13 +113,50 @@ def target_for(major: int, minor: int) -> str:
     return f"compute_{max(older)}"
 
 
+def _variant_options(defines: dict[str, int], arch: str) -> list[str]:
+    options = ["-std=c++17", f"-arch={arch}", f"-I{CSRC}", "-lineinfo"]
+    return options + [f"-D{k}={v}" for k, v in sorted(defines.items())]
+
+
+def _nvrtc_program(nvrtc, family: str, options: list[str]):
+    """Compile csrc/<family>.cu with ``options``; the caller destroys the returned program."""
+    source = CSRC / f"{family}.cu"
+    err, prog = nvrtc.nvrtcCreateProgram(source.read_bytes(), source.name.encode(), 0, [], [])
+    _nvrtc_check(nvrtc, err, "nvrtcCreateProgram")
+    opts = [o.encode() for o in options]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    try:
+        what = " ".join(o for o in options if not o.startswith("-I"))
+        _nvrtc_check(nvrtc, err, f"compiling {family} with {what}", prog)
+    except RuntimeError:
+        nvrtc.nvrtcDestroyProgram(prog)
+        raise
+    return prog
+
+
+def _program_log(nvrtc, prog) -> str:
+    _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+    buf = b" " * size
+    nvrtc.nvrtcGetProgramLog(prog, buf)
+    return buf.rstrip(b"\0 ").decode(errors="replace")
+
+
+def resource_usage(family: str, defines: dict[str, int], arch: str) -> str:
+    """ptxas's report for one variant (registers, stack, spills), for tests and tuning; not cached."""
+    nvrtc, _ = _nvrtc()
+    prog = _nvrtc_program(nvrtc, family, _variant_options(defines, arch) + ["-Xptxas=-v"])
+    try:
+        return _program_log(nvrtc, prog)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
 def compile_variant(family: str, defines: dict[str, int], arch: str) -> Path:
     """Compile one variant of ``csrc/<family>.cu`` for ``arch`` (``sm_90``, ``sm_90a``, ``compute_100``, ...)
     and return the path of the cached cubin (or PTX for a ``compute_`` target)."""
     nvrtc, version = _nvrtc()
     sources = _family_sources(family)
-    options = ["-std=c++17", f"-arch={arch}", f"-I{CSRC}", "-lineinfo"]
-    options += [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    options = _variant_options(defines, arch)
     # The -I path is left out of the key: the same sources installed elsewhere reuse the cache.
     key = _digest(*(p.read_bytes() for p in sources), *(o for o in options if not o.startswith("-I")), f"nvrtc{version}")
     suffix = "ptx" if arch.startswith("compute_") else "cubin"
@@ -133,13 +165,8 @@ def compile_variant(family: str, defines: dict[str, int], arch: str) -> Path:
         return path
 
     start = time.perf_counter()
-    source = sources[0].read_bytes()
-    err, prog = nvrtc.nvrtcCreateProgram(source, sources[0].name.encode(), 0, [], [])
-    _nvrtc_check(nvrtc, err, "nvrtcCreateProgram")
+    prog = _nvrtc_program(nvrtc, family, options)
     try:
-        opts = [o.encode() for o in options]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        _nvrtc_check(nvrtc, err, f"compiling {family} {defines} for {arch}", prog)
         get_size, get = (
             (nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
             if suffix == "ptx"

@@ -66,6 +66,8 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 
 }  // namespace inductor_moe
 
-extern "C" __global__ void __launch_bounds__(1024) inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {
+// 256 threads x 8 blocks fill an SM's 2048 threads, which caps registers at 32 a thread. Without the cap
+// gelu (erff) took 42 and ran at 5/8 occupancy: 8192x2048 bf16 37.95 us against Inductor's 35.08 us.
+extern "C" __global__ void __launch_bounds__(256, 8) inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {
   inductor_moe::act_and_mul_kernel<IM_DTYPE, IM_ACT, IM_FILTER, IM_VEC>(p);
 }
