@@ -26,6 +26,13 @@ _lib.define(
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
+_lib.define("pack_topk_ids_weights(Tensor topk_ids, Tensor topk_weights) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_lib.define(
+    "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor? topk_ids=None, int expert_lo=0, "
+    "int expert_hi=2147483647, Tensor? src_rows=None) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
+
 _MAX_INDEX = 2**31 - 1
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -43,8 +50,8 @@ def guard_or_false(cond) -> bool:
     return guard_or_false(cond)
 
 
-def _check(cond, msg: str) -> None:
-    torch._check(cond, lambda: f"inductor_moe.act_and_mul: {msg}")
+def _check(cond, msg: str, op: str = "act_and_mul") -> None:
+    torch._check(cond, lambda: f"inductor_moe.{op}: {msg}")
 
 
 def _flat_row_stride(t: torch.Tensor):
@@ -140,11 +147,117 @@ def _act_and_mul_out_cpu(input, out, activation, expert_ids=None, expert_step=1,
 
 
 # ------------------------------------------------------------------------------------------------------------
+# pack_topk_ids_weights: checks, fake, CPU (reference) and CUDA (Triton, launched here to keep PDL)
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_topk_pack(ids, weights):
+    def check(cond, msg):
+        _check(cond, msg, "pack_topk_ids_weights")
+
+    check(ids.dtype in _INDEX_DTYPES, f"topk_ids must be int32 or int64, got {ids.dtype}")
+    check(weights.dtype in _DTYPES, f"topk_weights dtype must be float16, bfloat16 or float32, got {weights.dtype}")
+    check(ids.device == weights.device, f"topk_weights must be on {ids.device}, got {weights.device}")
+    check(ids.dim() >= 1, "topk_ids must have at least one dim")
+    check(ids.shape == weights.shape, f"topk_ids {list(ids.shape)} and topk_weights {list(weights.shape)} differ in shape")
+    for name, t in (("topk_ids", ids), ("topk_weights", weights)):
+        check(_flat_row_stride(t) is not None, f"{name}'s leading dims must flatten to one row stride; got strides {list(t.stride())}")
+
+
+@torch.library.register_fake("inductor_moe::pack_topk_ids_weights")
+def _pack_topk_ids_weights_fake(topk_ids, topk_weights):
+    _check_topk_pack(topk_ids, topk_weights)
+    return topk_ids.new_empty(topk_ids.shape, dtype=torch.int32)
+
+
+@torch.library.impl(_lib, "pack_topk_ids_weights", "CPU")
+def _pack_topk_ids_weights_cpu(topk_ids, topk_weights):
+    _check_topk_pack(topk_ids, topk_weights)
+    return reference.pack_topk_ids_weights_ref(topk_ids, topk_weights).contiguous()
+
+
+def pack_strides(t: torch.Tensor) -> tuple[int, int]:
+    """(row stride, column stride) of ``t`` viewed as [rows, t.shape[-1]]."""
+    return _flat_row_stride(t), (t.stride(-1) if t.dim() else 1)
+
+
+@torch.library.impl(_lib, "pack_topk_ids_weights", "CUDA")
+def _pack_topk_ids_weights_cuda(topk_ids, topk_weights):
+    from .kernels.triton.topk_pack import topk_pack
+
+    _check_topk_pack(topk_ids, topk_weights)
+    out = torch.empty(topk_ids.shape, dtype=torch.int32, device=topk_ids.device)
+    topk_pack(topk_ids, topk_weights, pack_strides(topk_ids), pack_strides(topk_weights), out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# moe_combine: checks, fake and CPU (reference); CUDA in csrc/combine.cpp
+
+
+def _check_combine(expert_out, topk_weights, topk_ids, src_rows):
+    def check(cond, msg):
+        _check(cond, msg, "moe_combine")
+
+    check(expert_out.dim() == 2, f"expert_out must be 2-D [rows, hidden], got shape {list(expert_out.shape)}")
+    check(
+        expert_out.dtype in _DTYPES,
+        f"expert_out dtype must be float16, bfloat16 or float32, got {expert_out.dtype}",
+    )
+    check(
+        guard_or_false(expert_out.shape[1] <= 1) or guard_or_false(expert_out.stride(1) == 1),
+        f"expert_out must have a contiguous last dim; got strides {list(expert_out.stride())}",
+    )
+    check(topk_weights.dim() == 2, f"topk_weights must be 2-D [tokens, k], got shape {list(topk_weights.shape)}")
+    check(
+        topk_weights.dtype in _DTYPES,
+        f"topk_weights dtype must be float16, bfloat16 or float32, got {topk_weights.dtype}",
+    )
+    check(
+        topk_weights.device == expert_out.device,
+        f"topk_weights must be on {expert_out.device}, got {topk_weights.device}",
+    )
+    for name, t in (("topk_ids", topk_ids), ("src_rows", src_rows)):
+        if t is None:
+            continue
+        check(t.dtype in _INDEX_DTYPES, f"{name} must be int32 or int64, got {t.dtype}")
+        check(t.device == topk_weights.device, f"{name} must be on {topk_weights.device}, got {t.device}")
+        msg = f"{name} must have topk_weights' shape {list(topk_weights.shape)}, got {list(t.shape)}"
+        check(t.dim() == 2, msg)
+        check(t.shape[0] == topk_weights.shape[0], msg)
+        check(t.shape[1] == topk_weights.shape[1], msg)
+    tokens, k = topk_weights.shape
+    if src_rows is None:
+        check(
+            expert_out.shape[0] == tokens * k,
+            f"without src_rows, expert_out must have tokens * k = {tokens * k} rows (token-major), "
+            f"got {expert_out.shape[0]}",
+        )
+    check(
+        expert_out.shape[1] <= _MAX_INDEX and tokens <= _MAX_INDEX and k <= _MAX_INDEX,
+        f"hidden size, tokens and k must be below 2**31, got {expert_out.shape[1]}, {tokens}, {k}",
+    )
+
+
+@torch.library.register_fake("inductor_moe::moe_combine")
+def _moe_combine_fake(expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None):
+    _check_combine(expert_out, topk_weights, topk_ids, src_rows)
+    return expert_out.new_empty((topk_weights.shape[0], expert_out.shape[1]))
+
+
+@torch.library.impl(_lib, "moe_combine", "CPU")
+def _moe_combine_cpu(expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None):
+    _check_combine(expert_out, topk_weights, topk_ids, src_rows)
+    return reference.moe_combine_ref(expert_out, topk_weights, topk_ids, expert_lo, expert_hi, src_rows)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # CUDA: the kernels are registered from C++ when the host glue loads. Until then a trampoline holds each CUDA
 # slot; the first CUDA call builds (or loads from the disk cache) the glue, removes the trampolines and
 # re-dispatches, so every later call goes straight to C++. Importing the package therefore never compiles.
 
-_CUDA_OPS = ("act_and_mul", "act_and_mul_out")
+_CUDA_OPS = ("act_and_mul", "act_and_mul_out", "moe_combine")
 _trampolines = torch.library.Library("inductor_moe", "IMPL")
 _trampoline_lock = threading.Lock()
 
@@ -195,6 +308,35 @@ def act_and_mul(
         return _act_and_mul_op(input, activation, expert_ids, expert_step, lo, hi)
     _act_and_mul_out_op(input, out, activation, expert_ids, expert_step, lo, hi)
     return out
+
+
+_pack_op = torch.ops.inductor_moe.pack_topk_ids_weights.default
+_combine_op = torch.ops.inductor_moe.moe_combine.default
+
+
+def pack_topk_ids_weights(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """int32 ``(id << 16) | bf16_bits(weight)`` per (token, k) pair; see reference.pack_topk_ids_weights_ref for
+    the id range the format holds. Any shape (ids and weights alike); int32/int64 ids, fp32/bf16/fp16 weights."""
+    return _pack_op(topk_ids, topk_weights)
+
+
+def moe_combine(
+    expert_out: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    expert_range: tuple[int, int] | None = None,
+    src_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_k live(t, k) * topk_weights[t, k] * expert_out[row(t, k)]`` accumulated in fp32, in
+    expert_out's dtype: [tokens, hidden].
+
+    ``row(t, k)`` is ``src_rows[t, k]`` when given (rows gathered from anywhere in ``expert_out``), else
+    ``t * K + k`` (token-major). With ``topk_ids``, pair ``(t, k)`` is live only if
+    ``lo <= topk_ids[t, k] < hi`` for ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``); dead pairs are
+    not read, and a token with no live pair is zero.
+    """
+    lo, hi = (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
+    return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows)
 
 
 def silu_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:

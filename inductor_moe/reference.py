@@ -62,3 +62,39 @@ def act_and_mul_ref(
     else:
         out[live] = y[live]
     return out
+
+
+def pack_topk_ids_weights_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """int32 ``(id << 16) | bf16_bits(weight)``: the id in the high half, the weight rounded to bfloat16
+    (round to nearest even, torch's ``.to(bfloat16)``) in the low half.
+
+    The high half holds ids in [-32768, 32767] (so ``-1``, the dead marker, survives: ``packed >> 16`` gives
+    it back). Outside that range only the id's low 16 bits are kept (int64 ids are first truncated to int32,
+    as ``.to(int32)`` does). The ``& 0xFFFF`` keeps a negative weight's sign extension out of the id bits.
+    """
+    return (topk_ids.to(torch.int32) << 16) | (topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
+
+
+def moe_combine_ref(
+    expert_out: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    expert_lo: int = EXPERT_LO,
+    expert_hi: int = EXPERT_HI,
+    src_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_k live(t, k) * w[t, k] * expert_out[row(t, k)]`` in fp32 (or wider), in expert_out's dtype.
+
+    ``row(t, k)`` is ``src_rows[t, k]`` or ``t * K + k`` (token-major). ``live(t, k)`` is the expert filter on
+    ``topk_ids[t, k]`` (always true without ids). Dead pairs are not read at all, so their rows may hold
+    anything (NaN, stale data, an invalid index in ``src_rows``); a token with no live pair is zero.
+    """
+    t, k = topk_weights.shape
+    rows = torch.arange(t * k, device=expert_out.device).view(t, k) if src_rows is None else src_rows.long()
+    live = torch.ones(t, k, dtype=torch.bool, device=expert_out.device)
+    if topk_ids is not None:
+        live = (topk_ids >= expert_lo) & (topk_ids < expert_hi)
+    acc = torch.promote_types(expert_out.dtype, torch.float32)
+    gathered = expert_out[torch.where(live, rows, 0).reshape(-1)].view(t, k, expert_out.shape[1]).to(acc)
+    terms = torch.where(live.unsqueeze(-1), gathered * topk_weights.to(acc).unsqueeze(-1), 0.0)
+    return terms.sum(dim=1).to(expert_out.dtype)

@@ -15,46 +15,9 @@ import torch
 import inductor_moe as im
 from inductor_moe import reference
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+from helpers import DEVICES, DTYPES, assert_matches_reference, poison_allocator, poisoned_like, randn
+
 ACTIVATIONS = list(reference.ACTIVATIONS)
-
-# Kernel and reference both compute in fp32 and round once; they differ only by the few fp32 ulps of
-# expf/erff/tanhf, which can move a half-precision result across one rounding boundary: at most one ulp of
-# the output dtype (bf16 2**-7 relative, fp16 2**-10). In fp32 those ulps show directly, amplified where
-# 1 + tanh(.) cancels for negative inputs (seen: 1.04e-6 absolute on a 3.4e-3 result, 1 of 4.2M elements).
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=1e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
-}
-
-
-def randn(*shape, dtype=torch.float32, device="cpu"):
-    # Scale 3: the activations' tails (x << 0, erf/tanh saturation) are exercised, not just the middle.
-    return (torch.randn(*shape, device=device) * 3).to(dtype)
-
-
-def poisoned_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(t, float("nan"))
-
-
-def poison_allocator(shape, dtype, device):
-    """Leave a NaN-filled block of exactly this size in the CUDA caching allocator, so an output the op
-    allocates next most likely reuses it and any element the kernel fails to write shows up as NaN."""
-    if device == "cuda":
-        del_me = torch.full(shape, float("nan"), dtype=dtype, device=device)
-        del del_me
-
-
-def assert_matches_reference(out, ref):
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    assert not out.isnan().any(), "unwritten (poisoned) or NaN elements in the output"
-    torch.testing.assert_close(out, ref, **TOL[out.dtype])
-    if out.dtype != torch.float32 and out.numel() >= 1000:
-        # One-ulp differences must stay rare: a systematic bias (truncation instead of round-to-nearest-even,
-        # a wrong constant) would flip a large fraction of elements.
-        assert (out != ref).float().mean().item() < 0.01
 
 
 # ------------------------------------------------------------------------------------------------------------

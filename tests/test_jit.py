@@ -27,25 +27,38 @@ ACT_AND_MUL_VARIANTS = [
 ]
 
 
+# Every combine variant csrc/combine.cpp can ask for: output dtype x weight dtype x filter (none, int32,
+# int64 ids) x row source (token-major, int32, int64 src_rows) x access width.
+COMBINE_VARIANTS = [
+    dict(IM_DTYPE=dtype, IM_WDTYPE=wdtype, IM_FILTER=filt, IM_ROWS=rows, IM_VEC=vec)
+    for dtype, wdtype, filt, rows in itertools.product(range(3), range(3), range(3), range(3))
+    for vec in (1, 4 if dtype == 0 else 8)
+]
+
+VARIANTS = {"act_and_mul": ACT_AND_MUL_VARIANTS, "combine": COMBINE_VARIANTS}
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("INDUCTOR_MOE_CACHE_DIR", str(tmp_path))
     return tmp_path
 
 
+@pytest.mark.parametrize("family", list(VARIANTS))
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a", "sm_100a"])
-def test_every_act_and_mul_variant_compiles(cache, arch):
-    paths = {jit.compile_variant("act_and_mul", v, arch) for v in ACT_AND_MUL_VARIANTS}
-    assert len(paths) == len(ACT_AND_MUL_VARIANTS)  # one cache entry per variant
+def test_every_variant_compiles(cache, family, arch):
+    paths = {jit.compile_variant(family, v, arch) for v in VARIANTS[family]}
+    assert len(paths) == len(VARIANTS[family])  # one cache entry per variant
     for p in paths:
         assert p.read_bytes()[:4] == ELF_MAGIC
 
 
-def test_pdl_instructions_only_on_sm90_and_later(cache):
+@pytest.mark.parametrize("family", list(VARIANTS))
+def test_pdl_instructions_only_on_sm90_and_later(cache, family):
     # griddepcontrol is sm90+: the same source must build for sm_80 without it, and keep it for sm_90.
-    variant = ACT_AND_MUL_VARIANTS[-1]
-    ptx80 = jit.compile_variant("act_and_mul", variant, "compute_80").read_text()
-    ptx90 = jit.compile_variant("act_and_mul", variant, "compute_90").read_text()
+    variant = VARIANTS[family][-1]
+    ptx80 = jit.compile_variant(family, variant, "compute_80").read_text()
+    ptx90 = jit.compile_variant(family, variant, "compute_90").read_text()
     assert "griddepcontrol" not in ptx80
     assert "griddepcontrol.wait" in ptx90 and "griddepcontrol.launch_dependents" in ptx90
     # the wait comes before the first global load (the expert id included)
@@ -55,7 +68,7 @@ def test_pdl_instructions_only_on_sm90_and_later(cache):
 
 
 @pytest.mark.parametrize("arch,max_registers", [("sm_90a", 32), ("sm_100a", 255)])
-def test_no_variant_spills_or_exceeds_its_register_cap(arch, max_registers):
+def test_no_act_and_mul_variant_spills_or_exceeds_its_register_cap(arch, max_registers):
     # sm_90: __launch_bounds__(256, 8), a full SM of threads; more registers would cut occupancy (gelu at
     # 42 ran 8% slower than Inductor at 8192x2048 on H100). Everywhere: a spill would add local-memory
     # traffic to a memory-bound kernel.
@@ -149,12 +162,14 @@ def test_host_glue_builds_and_registers_the_cuda_kernels(cache):
         ops.load_cuda_kernels()  # idempotent
         print(dump("inductor_moe::act_and_mul"))
         print(dump("inductor_moe::act_and_mul_out"))
+        print(dump("inductor_moe::moe_combine"))
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    before, after, after_out = result.stdout.splitlines()
+    before, *after = result.stdout.splitlines()
     assert "ops.py" in before and "[ boxed ]" in before  # the Python trampoline
-    for line in (after, after_out):
+    assert len(after) == 3
+    for line in after:
         assert "registration.cpp" in line and "unboxed" in line, line
     assert len(list((cache / "host").glob("*/libinductor_moe_host.so"))) == 1

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "act_and_mul_params.h"
+#include "host_common.h"
 #include "launcher.h"
 #include "message.h"
 #include "ops.h"
@@ -18,19 +19,6 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------------------
 // Shape helpers. Each check mirrors one in ops.py (the fake and CPU implementations) with the same message.
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return 0;
-    case at::kHalf:
-      return 1;
-    case at::kBFloat16:
-      return 2;
-    default:
-      return -1;
-  }
-}
-
 // Row stride (elements) of `t` viewed as [rows, t.size(-1)], or -1 if its leading dims do not flatten to one
 // stride. Size-1 dims never matter.
 int64_t flat_row_stride(const at::Tensor& t) {
@@ -49,8 +37,6 @@ int64_t flat_row_stride(const at::Tensor& t) {
   }
   return stride < 0 ? t.size(-1) : stride;
 }
-
-constexpr int64_t kMaxIndex = 2147483647;  // 2**31 - 1
 
 const char* kActivations[] = {"silu", "gelu", "gelu_tanh"};
 
@@ -112,7 +98,7 @@ int check_args(const at::Tensor& input, const at::Tensor* out, const std::option
   TORCH_CHECK(per_row_shape || per_block_shape,
               cat("inductor_moe.act_and_mul: expert_ids must have shape input.shape[:-1] (expert_step=1) or [", blocks,
                   "] (= ceil(rows / expert_step)), got ", ids.sizes()));
-  return ids.scalar_type() == at::kInt ? 1 : 2;
+  return index_code(ids.scalar_type());
 }
 
 constexpr uint32_t kActAndMulFamily = 0;
@@ -127,14 +113,9 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const int64_t in_stride = flat_row_stride(input);
   const int64_t out_stride = flat_row_stride(out);
   const int dtype = dtype_code(input.scalar_type());
-  const int64_t esize = input.element_size();
 
   // 16-byte accesses when every row of gate, up and out starts 16-byte aligned, else one element at a time.
-  const int64_t vec16 = 16 / esize;
-  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  const bool wide = d % vec16 == 0 && in_stride % vec16 == 0 && out_stride % vec16 == 0 && aligned(input.data_ptr()) &&
-                    aligned(out.data_ptr());
-  const int vec = wide ? static_cast<int>(vec16) : 1;
+  const int vec = vector_width(input.element_size(), {d, in_stride, out_stride}, {input.data_ptr(), out.data_ptr()});
 
   c10::DeviceGuard guard(input.device());
   const uint32_t variant = static_cast<uint32_t>(dtype | (act << 2) | (filter << 4) | (vec << 8));

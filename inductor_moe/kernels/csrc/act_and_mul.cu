@@ -88,6 +88,7 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 #else
 #define IM_MIN_BLOCKS_PER_SM 8
 #endif
-extern "C" __global__ void __launch_bounds__(256, IM_MIN_BLOCKS_PER_SM) inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {
+extern "C" __global__ void __launch_bounds__(256, IM_MIN_BLOCKS_PER_SM)
+    inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {
   inductor_moe::act_and_mul_kernel<IM_DTYPE, IM_ACT, IM_FILTER, IM_VEC>(p);
 }

@@ -15,4 +15,8 @@ void act_and_mul_out_cuda(const at::Tensor& input, const at::Tensor& out, c10::s
                           const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
                           int64_t expert_hi);
 
+at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                            const std::optional<at::Tensor>& topk_ids, int64_t expert_lo, int64_t expert_hi,
+                            const std::optional<at::Tensor>& src_rows);
+
 }  // namespace inductor_moe

@@ -11,4 +11,5 @@
 TORCH_LIBRARY_IMPL(inductor_moe, CUDA, m) {
   m.impl("act_and_mul", &inductor_moe::act_and_mul_cuda);
   m.impl("act_and_mul_out", &inductor_moe::act_and_mul_out_cuda);
+  m.impl("moe_combine", &inductor_moe::moe_combine_cuda);
 }

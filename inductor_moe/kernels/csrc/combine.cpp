@@ -1,0 +1,111 @@
+// CUDA implementation of inductor_moe::moe_combine: argument checks, variant and launch configuration; the
+// kernel is csrc/combine.cu. Each check mirrors one in ops.py (fake and CPU implementations), same message.
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <string>
+
+#include "combine_params.h"
+#include "host_common.h"
+#include "launcher.h"
+#include "message.h"
+#include "ops.h"
+
+namespace inductor_moe {
+namespace {
+
+constexpr uint32_t kCombineFamily = 1;
+
+// An optional [tokens, k] index tensor: its variant code (0 absent, 1 int32, 2 int64) after the checks.
+int check_pairs(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& weights) {
+  if (!t.has_value()) return 0;
+  TORCH_CHECK(index_code(t->scalar_type()) != 0,
+              cat("inductor_moe.moe_combine: ", name, " must be int32 or int64, got ", t->scalar_type()));
+  TORCH_CHECK(t->device() == weights.device(),
+              cat("inductor_moe.moe_combine: ", name, " must be on ", weights.device(), ", got ", t->device()));
+  TORCH_CHECK(t->sizes() == weights.sizes(), cat("inductor_moe.moe_combine: ", name, " must have topk_weights' shape ",
+                                                 weights.sizes(), ", got ", t->sizes()));
+  return index_code(t->scalar_type());
+}
+
+}  // namespace
+
+at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
+                            const std::optional<at::Tensor>& topk_ids, int64_t expert_lo, int64_t expert_hi,
+                            const std::optional<at::Tensor>& src_rows) {
+  TORCH_CHECK(expert_out.dim() == 2,
+              cat("inductor_moe.moe_combine: expert_out must be 2-D [rows, hidden], got shape ", expert_out.sizes()));
+  TORCH_CHECK(dtype_code(expert_out.scalar_type()) >= 0,
+              cat("inductor_moe.moe_combine: expert_out dtype must be float16, bfloat16 or float32, got ",
+                  expert_out.scalar_type()));
+  TORCH_CHECK(
+      expert_out.size(1) <= 1 || expert_out.stride(1) == 1,
+      cat("inductor_moe.moe_combine: expert_out must have a contiguous last dim; got strides ", expert_out.strides()));
+  TORCH_CHECK(topk_weights.dim() == 2,
+              cat("inductor_moe.moe_combine: topk_weights must be 2-D [tokens, k], got shape ", topk_weights.sizes()));
+  TORCH_CHECK(dtype_code(topk_weights.scalar_type()) >= 0,
+              cat("inductor_moe.moe_combine: topk_weights dtype must be float16, bfloat16 or float32, got ",
+                  topk_weights.scalar_type()));
+  TORCH_CHECK(topk_weights.device() == expert_out.device(), cat("inductor_moe.moe_combine: topk_weights must be on ",
+                                                                expert_out.device(), ", got ", topk_weights.device()));
+  const int filter = check_pairs("topk_ids", topk_ids, topk_weights);
+  const int rows_code = check_pairs("src_rows", src_rows, topk_weights);
+  const int64_t tokens = topk_weights.size(0);
+  const int64_t k = topk_weights.size(1);
+  const int64_t h = expert_out.size(1);
+  TORCH_CHECK(rows_code != 0 || expert_out.size(0) == tokens * k,
+              cat("inductor_moe.moe_combine: without src_rows, expert_out must have tokens * k = ", tokens * k,
+                  " rows (token-major), got ", expert_out.size(0)));
+  TORCH_CHECK(
+      h <= kMaxIndex && tokens <= kMaxIndex && k <= kMaxIndex,
+      cat("inductor_moe.moe_combine: hidden size, tokens and k must be below 2**31, got ", h, ", ", tokens, ", ", k));
+
+  at::Tensor out = expert_out.new_empty({tokens, h});
+  if (tokens == 0 || h == 0) return out;
+  if (k == 0) return out.zero_();
+
+  const int dtype = dtype_code(expert_out.scalar_type());
+  const int wdtype = dtype_code(topk_weights.scalar_type());
+  const int vec =
+      vector_width(expert_out.element_size(), {h, expert_out.stride(0)}, {expert_out.data_ptr(), out.data_ptr()});
+  c10::DeviceGuard guard(expert_out.device());
+  const uint32_t variant = static_cast<uint32_t>(dtype | (wdtype << 2) | (filter << 4) | (rows_code << 6) | (vec << 8));
+  const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_WDTYPE=" + std::to_string(wdtype) +
+                              ";IM_FILTER=" + std::to_string(filter) + ";IM_ROWS=" + std::to_string(rows_code) +
+                              ";IM_VEC=" + std::to_string(vec);
+
+  // One thread per output pack; at least 64 threads, so a block can stage 64 (row, weight) pairs at once.
+  const int64_t packs = h / vec;
+  const int64_t threads = std::clamp<int64_t>((packs + 31) / 32 * 32, 64, 256);
+  const int64_t chunks = (packs + threads - 1) / threads;
+  TORCH_CHECK(chunks <= 65535, cat("inductor_moe.moe_combine: hidden size ", h, " is too large"));
+
+  CombineParams p;
+  p.expert_out = expert_out.data_ptr();
+  p.weights = topk_weights.data_ptr();
+  p.topk_ids = topk_ids.has_value() ? topk_ids->data_ptr() : nullptr;
+  p.src_rows = src_rows.has_value() ? src_rows->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.tokens = tokens;
+  p.expert_rows = expert_out.size(0);
+  p.expert_row_stride = expert_out.stride(0);
+  p.w_strides[0] = topk_weights.stride(0);
+  p.w_strides[1] = topk_weights.stride(1);
+  p.ids_strides[0] = topk_ids.has_value() ? topk_ids->stride(0) : 0;
+  p.ids_strides[1] = topk_ids.has_value() ? topk_ids->stride(1) : 0;
+  p.rows_strides[0] = src_rows.has_value() ? src_rows->stride(0) : 0;
+  p.rows_strides[1] = src_rows.has_value() ? src_rows->stride(1) : 0;
+  p.expert_lo = expert_lo;
+  p.expert_hi = expert_hi;
+  p.k = static_cast<int>(k);
+  p.h = static_cast<int>(h);
+  void* args[] = {&p};
+  launch_kernel(expert_out.device(), kCombineFamily, "combine", variant, defines,
+                Dim3{static_cast<unsigned>(tokens), static_cast<unsigned>(chunks)},
+                Dim3{static_cast<unsigned>(threads)}, args);
+  return out;
+}
+
+}  // namespace inductor_moe

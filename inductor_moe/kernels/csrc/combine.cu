@@ -1,0 +1,92 @@
+// Weighted top-k combine: out[t] = sum_j live(t, j) * w[t, j] * expert_out[row(t, j)], fp32 accumulation,
+// output in expert_out's dtype. One templated body; kernels/jit.py compiles one variant per (output dtype,
+// weight dtype, filter, row source, vector width) from -DIM_DTYPE/-DIM_WDTYPE/-DIM_FILTER/-DIM_ROWS/-DIM_VEC.
+//
+// Grid: x = tokens, y = column chunks; each thread owns one VEC-wide pack of a token's output row and keeps
+// its VEC partial sums in registers across all k. A token's k (row, weight) pairs are staged in shared
+// memory, 64 at a time, so the inner loop issues only the expert_out loads (unrolled: several in flight).
+#include "combine_params.h"
+#include "common.cuh"
+
+namespace inductor_moe {
+
+constexpr int kStage = 64;
+
+template <int WDTYPE>
+__device__ __forceinline__ float load_weight(const void* weights, long long offset) {
+  return to_float<WDTYPE>(static_cast<const typename Storage<WDTYPE>::type*>(weights)[offset]);
+}
+
+template <int ROWS>
+__device__ __forceinline__ long long source_row(const CombineParams& p, long long t, int j) {
+  if constexpr (ROWS == 0) {
+    return t * p.k + j;
+  } else {
+    const long long offset = t * p.rows_strides[0] + j * p.rows_strides[1];
+    return ROWS == 1 ? static_cast<long long>(static_cast<const int*>(p.src_rows)[offset])
+                     : static_cast<const long long*>(p.src_rows)[offset];
+  }
+}
+
+template <int DTYPE, int WDTYPE, int FILTER, int ROWS, int VEC>
+__device__ __forceinline__ void combine_kernel(const CombineParams& p) {
+  using T = typename Storage<DTYPE>::type;
+  using P = Pack<T, VEC>;
+  __shared__ float stage_weight[kStage];
+  __shared__ long long stage_row[kStage];  // -1: dead pair, not read
+
+  pdl_wait();  // before the first global read (weights, ids, rows)
+  const long long t = blockIdx.x;
+  const int pack = blockIdx.y * blockDim.x + threadIdx.x;
+  const bool owns_pack = pack < p.h / VEC;
+  float acc[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+
+  for (int base = 0; base < p.k; base += kStage) {
+    const int n = min(kStage, p.k - base);
+    if (threadIdx.x < n) {
+      const int j = base + threadIdx.x;
+      long long row = -1;
+      float w = 0.0f;
+      if (row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi)) {
+        row = source_row<ROWS>(p, t, j);
+        w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+        if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
+          printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, row,
+                 p.expert_rows);
+          __trap();
+        }
+      }
+      stage_row[threadIdx.x] = row;
+      stage_weight[threadIdx.x] = w;
+    }
+    __syncthreads();
+    if (owns_pack) {
+#pragma unroll 8
+      for (int s = 0; s < n; ++s) {
+        const long long row = stage_row[s];
+        if (row >= 0) {
+          const P x = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
+          const float w = stage_weight[s];
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) acc[i] += w * to_float<DTYPE>(x.v[i]);
+        }
+      }
+    }
+    __syncthreads();  // the stage is rewritten by the next round
+  }
+  if (owns_pack) {
+    P o;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o.v[i] = from_float<DTYPE>(acc[i]);
+    reinterpret_cast<P*>(static_cast<T*>(p.out) + t * p.h)[pack] = o;
+  }
+  pdl_launch_dependents();  // after the last write
+}
+
+}  // namespace inductor_moe
+
+extern "C" __global__ void __launch_bounds__(256) inductor_moe_kernel(const inductor_moe::CombineParams p) {
+  inductor_moe::combine_kernel<IM_DTYPE, IM_WDTYPE, IM_FILTER, IM_ROWS, IM_VEC>(p);
+}

@@ -1,0 +1,44 @@
+// Small helpers shared by the ops' host code (<family>.cpp).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+namespace inductor_moe {
+
+constexpr int64_t kMaxIndex = 2147483647;  // 2**31 - 1: grid.x and 32-bit column offsets
+
+// The element-type code the kernels take (-DIM_DTYPE, see common.cuh), or -1 if there is no kernel for it.
+inline int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return 0;
+    case at::kHalf:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    default:
+      return -1;
+  }
+}
+
+// Index tensors (expert ids, row indices): 1 for int32, 2 for int64, 0 for anything else.
+inline int index_code(at::ScalarType t) { return t == at::kInt ? 1 : t == at::kLong ? 2 : 0; }
+
+// Elements moved per access: 16 bytes' worth when every extent (row length, row strides, in elements) is a
+// multiple of that and every pointer is 16-byte aligned, else one element.
+inline int vector_width(int64_t element_size, std::initializer_list<int64_t> extents,
+                        std::initializer_list<const void*> pointers) {
+  const int64_t vec16 = 16 / element_size;
+  for (int64_t e : extents) {
+    if (e % vec16 != 0) return 1;
+  }
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  }
+  return static_cast<int>(vec16);
+}
+
+}  // namespace inductor_moe

@@ -1,0 +1,104 @@
+"""Triton kernel of ``inductor_moe::pack_topk_ids_weights``: int32 ``(id << 16) | bf16_bits(weight)``.
+
+Launched by ops.py inside an opaque custom op (not ``triton_op``: Inductor would re-launch the kernel without
+``launch_pdl``, FACTS.md). PDL on sm90+: ``gdc_wait`` before the first load, ``gdc_launch_dependents`` after
+the store. The same kernel runs under ``TRITON_INTERPRET=1`` on the CPU with PDL off, which is how CI tests
+it: there ``.to(tl.bfloat16)`` truncates, so the rounding is done in integers here, everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import config
+
+# bf16 bits of a NaN weight as torch's own conversion produces them, which the rounding below cannot derive.
+# CUDA's cvt.rn.bf16.f32 returns the canonical 0x7FFF whatever the sign or source dtype; torch's CPU
+# conversion differs by source dtype (seen: 0xFFFF from fp32, 0x7FC0 from fp16, x86 torch 2.13), so it is probed.
+_CUDA_NAN_BITS = 0x7FFF
+
+
+@functools.cache
+def nan_bits(device_type: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(bits for +NaN, bits for -NaN) of ``torch.tensor(nan, dtype=dtype).to(bfloat16)`` on this device type."""
+    if device_type == "cuda":
+        return _CUDA_NAN_BITS, _CUDA_NAN_BITS
+    nans = torch.tensor([float("nan"), -float("nan")], dtype=dtype).to(torch.bfloat16)
+    nans = nans.view(torch.int16).to(torch.int32) & 0xFFFF
+    return int(nans[0]), int(nans[1])
+
+
+@triton.jit
+def topk_pack_kernel(
+    ids_ptr,
+    weights_ptr,
+    out_ptr,
+    numel,
+    k,
+    ids_row_stride,
+    ids_col_stride,
+    w_row_stride,
+    w_col_stride,
+    nan_pos_bits,
+    nan_neg_bits,
+    WEIGHTS_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()  # before the first global read
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    row = offs // k
+    col = offs % k
+    ids = tl.load(ids_ptr + row * ids_row_stride + col * ids_col_stride, mask=mask, other=0)
+    w = tl.load(weights_ptr + row * w_row_stride + col * w_col_stride, mask=mask, other=0)
+    if WEIGHTS_BF16:
+        bits = w.to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        # fp16 widens to fp32 exactly; fp32 -> bf16 rounds to nearest even on the integer bits.
+        u = w.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        is_nan = (u & 0x7FFFFFFF) > 0x7F800000
+        nan = tl.where((u >> 31) != 0, nan_neg_bits, nan_pos_bits).to(tl.uint32)
+        bits = tl.where(is_nan, nan, rounded)
+    packed = (ids.to(tl.int32) << 16) | (bits & 0xFFFF).to(tl.int32)
+    tl.store(out_ptr + offs, packed, mask=mask)
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # after the last write
+
+
+# 1024 elements a program: T=8192, K=8 is 64 programs; smaller blocks only add launch-side work.
+_BLOCK = 1024
+
+
+def topk_pack(ids: torch.Tensor, weights: torch.Tensor, ids_strides, w_strides, out: torch.Tensor) -> None:
+    """Launch over ``out`` (contiguous [rows, k] int32) with [rows, k] row/column strides of the inputs."""
+    numel = out.numel()
+    if numel == 0:
+        return
+    interpret = ids.device.type == "cpu"  # only under TRITON_INTERPRET=1
+    pdl = not interpret and config.pdl_enabled() and torch.cuda.get_device_capability(ids.device)[0] >= 9
+    nan_pos, nan_neg = nan_bits(ids.device.type, weights.dtype)
+    with contextlib.nullcontext() if interpret else torch.cuda.device(ids.device):
+        topk_pack_kernel[(triton.cdiv(numel, _BLOCK),)](
+            ids,
+            weights,
+            out,
+            numel,
+            out.shape[-1],
+            *ids_strides,
+            *w_strides,
+            nan_pos,
+            nan_neg,
+            WEIGHTS_BF16=weights.dtype == torch.bfloat16,
+            BLOCK=_BLOCK,
+            USE_PDL=pdl,
+            num_warps=4,
+            **({"launch_pdl": True} if pdl else {}),
+        )

@@ -1,0 +1,201 @@
+"""pack_topk_ids_weights: the format, the op against the reference bit for bit (CPU reference in CI, Triton
+kernel on the GPU and under TRITON_INTERPRET=1 on the CPU), bad inputs, opcheck, torch.compile, PDL and
+CUDA graphs."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import inductor_moe as im
+from inductor_moe import ops, reference
+
+from helpers import DEVICES, DTYPES
+
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+
+def special_weights(n, dtype, device):
+    """Random weights with every edge value the rounding must get right mixed in."""
+    specials = [
+        0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), -float("nan"),
+        1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8),  # exact ties: round to even, both directions
+        1e-40, -1e-40, 2**-133, 3.3895e38, -3.3895e38,  # subnormals; values that round up to inf
+        65504.0, 6e-8,  # fp16 max, fp16 subnormal
+    ]
+    w = torch.randn(n, device=device) * torch.logspace(-6, 6, n, device=device)
+    w[: len(specials)] = torch.tensor(specials, device=device)[:n]
+    return w.to(dtype)
+
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.int32 else t
+
+
+def assert_bit_exact(out, ref):
+    assert out.dtype == torch.int32 and out.shape == ref.shape and out.is_contiguous()
+    mismatch = (out != ref).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} mismatches, first at {mismatch[:4].tolist()}"
+
+
+def test_format():
+    ids = torch.tensor([0, 1, -1, 127, 32767, -32768, 5, 5])
+    w = torch.tensor([0.5, -0.5, 1.0, -2.0, 0.0, -0.0, 3.0, -3.0])
+    packed = reference.pack_topk_ids_weights_ref(ids, w)
+    assert torch.equal(packed >> 16, ids.to(torch.int32))  # ids in [-32768, 32767] round-trip
+    low = (packed & 0xFFFF).to(torch.int16)
+    assert torch.equal(low.view(torch.bfloat16).float(), w)
+    # a negative weight does not leak into the id bits (the `& 0xFFFF`)
+    assert (packed[7] >> 16).item() == 5
+    # outside the range only the low 16 bits of the id survive
+    assert (reference.pack_topk_ids_weights_ref(torch.tensor([65536 + 7]), torch.ones(1)) >> 16).item() == 7
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(0, 8), (1, 8), (7, 3), (37, 1), (4097, 8), (3, 5, 8)])
+def test_op_matches_reference(device, ids_dtype, w_dtype, shape):
+    n = math.prod(shape)
+    ids = torch.randint(-2**31, 2**31 - 1, shape, device=device).to(ids_dtype)
+    ids.view(-1)[: min(n, 4)] = torch.tensor([-1, 0, 32767, -32768], device=device)[: min(n, 4)].to(ids_dtype)
+    w = special_weights(n, w_dtype, device).view(shape)
+    assert_bit_exact(im.pack_topk_ids_weights(ids, w), reference.pack_topk_ids_weights_ref(ids, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs(device):
+    ids = torch.randint(-1, 128, (8, 300), device=device)
+    w = torch.randn(8, 300, device=device)
+    # transposed [K, T] -> [T, K] views, and a column slice of a wider buffer
+    assert_bit_exact(im.pack_topk_ids_weights(ids.t(), w.t()), reference.pack_topk_ids_weights_ref(ids.t(), w.t()))
+    assert_bit_exact(
+        im.pack_topk_ids_weights(ids[:, 5:13], w[:, 100:108]),
+        reference.pack_topk_ids_weights_ref(ids[:, 5:13], w[:, 100:108]),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(device):
+    other = "cpu" if device == "cuda" else "meta"
+    ids = torch.zeros(4, 8, dtype=torch.int32, device=device)
+    w = torch.zeros(4, 8, device=device)
+    cases = [
+        (lambda: im.pack_topk_ids_weights(ids, w[:, :7]), r"differ in shape"),
+        (lambda: im.pack_topk_ids_weights(ids.float(), w), "topk_ids must be int32 or int64"),
+        (lambda: im.pack_topk_ids_weights(ids, w.double()), "topk_weights dtype must be"),
+        (lambda: im.pack_topk_ids_weights(ids, w.to(other)), "topk_weights must be on"),
+        (lambda: im.pack_topk_ids_weights(ids[0, 0], w[0, 0]), "at least one dim"),
+        (
+            lambda: im.pack_topk_ids_weights(ids.view(2, 2, 8).transpose(0, 1), w.view(2, 2, 8).transpose(0, 1)),
+            "flatten to one row stride",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    ids = torch.randint(-1, 64, (6, 8), device=device, dtype=torch.int32)
+    for w_dtype in DTYPES:
+        w = torch.randn(6, 8, device=device).to(w_dtype)
+        torch.library.opcheck(torch.ops.inductor_moe.pack_topk_ids_weights.default, (ids, w))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_no_recompile_across_batch(device):
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.fx.experimental import _config as fx_config
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+
+    def f(logits):
+        w, ids = torch.topk(logits.softmax(-1), 8)
+        return im.pack_topk_ids_weights(ids, w)
+
+    compiled = torch.compile(f, backend=counter, fullgraph=True)
+    with fx_config.patch(backed_size_oblivious=True):
+        for t in (1, 2, 37, 1000, 4096):
+            logits = torch.randn(t, 64, device=device)
+            torch._dynamo.mark_dynamic(logits, 0)
+            assert_bit_exact(compiled(logits), f(logits))
+    assert counter.frame_count == 1
+
+
+@pytest.fixture
+def interpreted_topk_pack(monkeypatch):
+    """A fresh copy of kernels/triton/topk_pack.py whose kernel runs in Triton's interpreter on the CPU."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import inductor_moe.kernels.triton.topk_pack as installed
+
+    spec = importlib.util.spec_from_file_location("inductor_moe.kernels.triton._interpreted", installed.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    assert type(module.topk_pack_kernel).__name__ == "InterpretedFunction"
+    return module
+
+
+@pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (37, 3), (1500, 8)])
+def test_triton_kernel_in_interpreter(interpreted_topk_pack, ids_dtype, w_dtype, shape):
+    n = math.prod(shape)
+    ids = torch.randint(-2**31, 2**31 - 1, shape).to(ids_dtype)
+    w = special_weights(n, w_dtype, "cpu").view(shape)
+    for i, wt in ((ids, w), (ids.t().contiguous().t(), w.t().contiguous().t())):  # contiguous and transposed
+        out = torch.full(shape, 0x5A5A5A5A, dtype=torch.int32)  # poison
+        interpreted_topk_pack.topk_pack(i, wt, ops.pack_strides(i), ops.pack_strides(wt), out)
+        assert_bit_exact(out, reference.pack_topk_ids_weights_ref(i, wt))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU only
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_cuda_graph_and_pdl_chain(monkeypatch, pdl):
+    monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
+    ids = torch.randint(-1, 256, (512, 8), device="cuda", dtype=torch.int32)
+    w = torch.randn(512, 8, device="cuda")
+
+    def step():
+        packed = im.pack_topk_ids_weights(ids, w)
+        # a dependent launch: repack the packed ids (high half) with the packed weights (low half, as bf16)
+        again = im.pack_topk_ids_weights(packed >> 16, (packed & 0xFFFF).to(torch.int16).view(torch.bfloat16))
+        return packed, again
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        packed, again = step()
+    for _ in range(3):
+        ids.copy_(torch.randint(-1, 256, (512, 8), device="cuda", dtype=torch.int32))
+        w.copy_(torch.randn(512, 8, device="cuda"))
+        graph.replay()
+        ref = reference.pack_topk_ids_weights_ref(ids, w)
+        assert_bit_exact(packed, ref)
+        assert_bit_exact(again, ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_nan_bits_match_torch(dtype):
+    from inductor_moe.kernels.triton.topk_pack import nan_bits
+
+    nans = torch.tensor([float("nan"), -float("nan")], device="cuda", dtype=dtype).to(torch.bfloat16)
+    assert tuple((nans.view(torch.int16).to(torch.int32) & 0xFFFF).tolist()) == nan_bits("cuda", dtype)
+
+
+def test_interpreter_env_not_leaked():
+    assert os.environ.get("TRITON_INTERPRET") in (None, "0", "")
