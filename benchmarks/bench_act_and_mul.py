@@ -59,15 +59,6 @@ def inputs(t, d, dtype, sets):
     return [torch.randn(t, 2 * d, device="cuda", dtype=dtype) for _ in range(sets)]
 
 
-def table(title, header, rows):
-    print(f"\n### {title}\n")
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
-    sys.stdout.flush()
-
-
 def bench_unfiltered(shapes, activations, dtype, copy_gbs):
     rows = []
     ours_us = {}
@@ -87,7 +78,7 @@ def bench_unfiltered(shapes, activations, dtype, copy_gbs):
                  f"{us_comp / us_ours:.2f}×", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]
             )
             del xs, comp
-    table(
+    timing.table(
         f"Unfiltered, {dtype}, µs per call in a CUDA graph",
         ["act", "T×d", "eager", "torch.compile", "inductor_moe", "speedup vs compile", "GB/s", "% of copy"],
         rows,
@@ -120,7 +111,7 @@ def bench_filtered(shapes, fractions, dtype, unfiltered_us):
                  f"**{us_keep:.2f}**", f"{base * live:.2f}", f"{ratio:.2f}"]
             )
         del xs, outs, comp
-    table(
+    timing.table(
         f"Filtered silu (per-row ids, -1 = dead), {dtype}, µs per call in a CUDA graph",
         ["T×d", "dead", "eager where", "torch.compile where", "ours zero mode", "ours untouched",
          "unfiltered × live", "untouched / (unfiltered × live)"],
@@ -151,7 +142,7 @@ def bench_host_cost(dtype, calls=2000):
             best = min(best, (time.perf_counter() - start) / calls * 1e6)
             torch.cuda.synchronize()
         rows.append([name, f"{best:.2f}"])
-    table("Host cost per eager call (1×2048, best of 5 loops)", ["call", "µs"], rows)
+    timing.table("Host cost per eager call (1×2048, best of 5 loops)", ["call", "µs"], rows)
 
 
 _JIT_PROBE = textwrap.dedent(
@@ -183,7 +174,7 @@ def bench_jit():
             if out.returncode != 0:
                 raise RuntimeError(out.stderr)
             rows.append([label, *out.stdout.split()])
-    table(
+    timing.table(
         "JIT: seconds for `import inductor_moe`, loading the host glue, then the first call of two variants",
         ["cache", "import", "host glue", "1st variant (bf16 silu)", "2nd variant (bf16 gelu, int32 ids)"],
         rows,
@@ -199,7 +190,7 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16
-    print(f"device: {timing.device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')}")
+    timing.header()
     copy_gbs = timing.copy_bandwidth_gbs()
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)")
     if args.quick:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from typing import Callable
 
 import torch
@@ -58,3 +59,19 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
 def device_name() -> str:
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor})"
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    """Print a markdown table (what BENCHMARKS.md quotes)."""
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    sys.stdout.flush()
+
+
+def header(extra: str = "") -> None:
+    import time
+
+    print(f"device: {device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')} {extra}".rstrip())

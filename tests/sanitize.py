@@ -1,10 +1,11 @@
 """Driver for compute-sanitizer (memcheck, racecheck) on the device machine; not collected by pytest.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize_act_and_mul.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize.py
 
 Without the caching allocator every tensor is its own allocation, so a read or write one element past a
 tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-byte and element-wise
-accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain.
+accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain; the packing
+kernel; the combine kernel with gathered rows, the filter and k above one shared-memory stage (64).
 """
 
 import torch
@@ -33,8 +34,19 @@ def main():
                 if h.shape[-1] % 2:
                     break
                 h = im.silu_and_mul(h)
+    for k, h in ((8, 13), (70, 264), (8, 7168)):
+        for ids_dtype in (None, torch.int32):
+            t = 9
+            eo = torch.randn(t * k, h, device="cuda", dtype=torch.bfloat16)
+            w = torch.rand(t, k, device="cuda")
+            ids = None if ids_dtype is None else torch.randint(-1, 4, (t, k), device="cuda", dtype=ids_dtype)
+            rows = torch.randperm(t * k, device="cuda").view(t, k)
+            y = im.moe_combine(eo, w, ids, (0, 4), rows)
+            torch.testing.assert_close(y, reference.moe_combine_ref(eo, w, ids, 0, 4, rows), rtol=1e-2, atol=1e-2)
+            packed = im.pack_topk_ids_weights(rows, w)
+            assert torch.equal(packed, reference.pack_topk_ids_weights_ref(rows, w))
     torch.cuda.synchronize()
-    print("sanitize_act_and_mul: done")
+    print("sanitize: done")
 
 
 if __name__ == "__main__":
