@@ -163,6 +163,7 @@ def _check_topk_pack(ids, weights):
     check(ids.shape == weights.shape, f"topk_ids {list(ids.shape)} and topk_weights {list(weights.shape)} differ in shape")
     for name, t in (("topk_ids", ids), ("topk_weights", weights)):
         check(_flat_row_stride(t) is not None, f"{name}'s leading dims must flatten to one row stride; got strides {list(t.stride())}")
+    check(ids.numel() <= _MAX_INDEX, f"at most 2**31-1 (id, weight) pairs are supported, got {ids.numel()}")
 
 
 @torch.library.register_fake("inductor_moe::pack_topk_ids_weights")

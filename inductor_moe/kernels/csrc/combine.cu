@@ -4,7 +4,7 @@
 //
 // Grid: x = tokens, y = column chunks; each thread owns one VEC-wide pack of a token's output row and keeps
 // its VEC partial sums in registers across all k. A token's k (row, weight) pairs are staged in shared
-// memory, 64 at a time, so the inner loop issues only the expert_out loads (unrolled: several in flight).
+// memory, 64 at a time, so the inner loop issues only the expert_out loads, eight at a time.
 #include "combine_params.h"
 #include "common.cuh"
 
@@ -63,14 +63,24 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
     }
     __syncthreads();
     if (owns_pack) {
-#pragma unroll 8
-      for (int s = 0; s < n; ++s) {
-        const long long row = stage_row[s];
-        if (row >= 0) {
-          const P x = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
-          const float w = stage_weight[s];
+      // Eight pairs at a time: all eight loads (predicated off for dead pairs) are issued before the first
+      // add, so a thread has eight 16-byte reads in flight.
+      for (int s0 = 0; s0 < n; s0 += 8) {
+        P x[8];
 #pragma unroll
-          for (int i = 0; i < VEC; ++i) acc[i] += w * to_float<DTYPE>(x.v[i]);
+        for (int u = 0; u < 8; ++u) {
+          const long long row = s0 + u < n ? stage_row[s0 + u] : -1;
+          if (row >= 0) {
+            x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (s0 + u < n && stage_row[s0 + u] >= 0) {
+            const float w = stage_weight[s0 + u];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) acc[i] += w * to_float<DTYPE>(x[u].v[i]);
+          }
         }
       }
     }

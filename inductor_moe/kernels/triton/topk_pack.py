@@ -39,23 +39,25 @@ def topk_pack_kernel(
     weights_ptr,
     out_ptr,
     numel,
-    k,
     ids_row_stride,
     ids_col_stride,
     w_row_stride,
     w_col_stride,
     nan_pos_bits,
     nan_neg_bits,
+    K: tl.constexpr,
     WEIGHTS_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # before the first global read
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # 32-bit offsets (numel < 2**31 is checked by the op) and K a compile-time constant: a 64-bit division by
+    # a run-time k made this kernel 2.0 us at every T on H100, against Inductor's 1.3.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    row = offs // k
-    col = offs % k
+    row = offs // K
+    col = offs % K
     ids = tl.load(ids_ptr + row * ids_row_stride + col * ids_col_stride, mask=mask, other=0)
     w = tl.load(weights_ptr + row * w_row_stride + col * w_col_stride, mask=mask, other=0)
     if WEIGHTS_BF16:
@@ -91,11 +93,11 @@ def topk_pack(ids: torch.Tensor, weights: torch.Tensor, ids_strides, w_strides, 
             weights,
             out,
             numel,
-            out.shape[-1],
             *ids_strides,
             *w_strides,
             nan_pos,
             nan_neg,
+            K=out.shape[-1],
             WEIGHTS_BF16=weights.dtype == torch.bfloat16,
             BLOCK=_BLOCK,
             USE_PDL=pdl,
