@@ -136,8 +136,7 @@ def test_compile_no_recompile_across_batch(device):
 @pytest.fixture
 def interpreted_topk_pack(monkeypatch):
     """A fresh copy of kernels/triton/topk_pack.py whose kernel runs in Triton's interpreter on the CPU."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton is a test dependency: no skip if it is missing
     import inductor_moe.kernels.triton.topk_pack as installed
 
     spec = importlib.util.spec_from_file_location("inductor_moe.kernels.triton._interpreted", installed.__file__)
