@@ -69,7 +69,7 @@ def bench_unfiltered(shapes, activations, dtype, copy_gbs):
             eager = eager_act_and_mul(activation)
             comp = compiled(eager)
             us_eager = timing.graph_us([lambda x=x: eager(x) for x in xs])
-            us_comp = timing.graph_us([lambda x=x: comp(x) for x in xs])
+            us_comp = timing.graph_us([lambda x=x, c=comp: c(x) for x in xs])
             us_ours = timing.graph_us([lambda x=x: im.act_and_mul(activation, x) for x in xs])
             ours_us[(activation, t, d)] = us_ours
             gbs = nbytes / (us_ours * 1e-6) / 1e9
@@ -100,7 +100,7 @@ def bench_filtered(shapes, fractions, dtype, unfiltered_us):
             ids = torch.where(dead, -1, torch.randint(0, 8, (t,), device="cuda")).to(torch.int32)
             live = 1.0 - dead.float().mean().item()
             us_eager = timing.graph_us([lambda x=x: eager_masked(x, ids) for x in xs])
-            us_comp = timing.graph_us([lambda x=x: comp(x, ids) for x in xs])
+            us_comp = timing.graph_us([lambda x=x, c=comp: c(x, ids) for x in xs])
             us_zero = timing.graph_us([lambda x=x: im.silu_and_mul(x, expert_ids=ids) for x in xs])
             us_keep = timing.graph_us(
                 [lambda x=x, o=o: im.silu_and_mul(x, out=o, expert_ids=ids) for x, o in zip(xs, outs)]

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from inductor_moe import config
 from inductor_moe.kernels import jit

@@ -25,7 +25,6 @@ import hashlib
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
