@@ -101,6 +101,20 @@ def test_fp32_accumulation(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("filtered", [False, True])
+def test_live_pair_of_weight_zero_still_reads_its_row(device, filtered):
+    # 0 * NaN is NaN: a live pair is summed whatever its weight (only dead pairs are skipped)
+    eo = randn(4, 16, device=device)
+    eo[1, 3] = float("nan")
+    w = torch.tensor([[1.0, 0.0], [0.5, 0.5]], device=device)
+    ids = torch.zeros(2, 2, dtype=torch.int32, device=device) if filtered else None
+    out = im.moe_combine(eo, w, ids)
+    ref = reference.moe_combine_ref(eo, w, ids)
+    assert out[0, 3].isnan() and ref[0, 3].isnan()
+    torch.testing.assert_close(out, ref, equal_nan=True, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_strided_inputs(device):
     eo_big = randn(40, 96, device=device)
     eo = eo_big[:, 16:80]  # row stride 96

@@ -28,13 +28,41 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
   }
 }
 
+// acc += sum over pairs s in [0, n) of weight(s) * expert_out[row(s)][pack], eight pairs at a time: the
+// eight row loads (and weight loads, when those come from global memory) are all issued before the first
+// add. row(s) < 0 marks a dead pair, which is not read.
+template <int DTYPE, int VEC, typename RowFn, typename WeightFn>
+__device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
+                                           float (&acc)[VEC]) {
+  using T = typename Storage<DTYPE>::type;
+  using P = Pack<T, VEC>;
+  for (int s0 = 0; s0 < n; s0 += 8) {
+    P x[8];
+    float w[8];
+    bool read[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const long long row = s0 + u < n ? row_of(s0 + u) : -1;
+      read[u] = row >= 0;
+      if (read[u]) {
+        x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
+        w[u] = weight_of(s0 + u);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * to_float<DTYPE>(x[u].v[i]);
+      }
+    }
+  }
+}
+
 template <int DTYPE, int WDTYPE, int FILTER, int ROWS, int VEC>
 __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
-  __shared__ float stage_weight[kStage];
-  __shared__ long long stage_row[kStage];  // -1: dead pair, not read
-
   pdl_wait();  // before the first global read (weights, ids, rows)
   const long long t = blockIdx.x;
   const int pack = blockIdx.y * blockDim.x + threadIdx.x;
@@ -43,48 +71,42 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
 
-  for (int base = 0; base < p.k; base += kStage) {
-    const int n = min(kStage, p.k - base);
-    if (threadIdx.x < n) {
-      const int j = base + threadIdx.x;
-      long long row = -1;
-      float w = 0.0f;
-      if (row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi)) {
-        row = source_row<ROWS>(p, t, j);
-        w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
-        if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
-          printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, row,
-                 p.expert_rows);
-          __trap();
-        }
-      }
-      stage_row[threadIdx.x] = row;
-      stage_weight[threadIdx.x] = w;
-    }
-    __syncthreads();
+  if constexpr (FILTER == 0 && ROWS == 0) {
+    // Unfiltered and token-major: the rows are t * k + j, known without a load, so a thread reads weights
+    // and rows in one round trip instead of staging's two (T=1, H=7168 bf16: 2.19 us staged).
     if (owns_pack) {
-      // Eight pairs at a time: all eight loads (predicated off for dead pairs) are issued before the first
-      // add, so a thread has eight 16-byte reads in flight.
-      for (int s0 = 0; s0 < n; s0 += 8) {
-        P x[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const long long row = s0 + u < n ? stage_row[s0 + u] : -1;
-          if (row >= 0) {
-            x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          if (s0 + u < n && stage_row[s0 + u] >= 0) {
-            const float w = stage_weight[s0 + u];
-#pragma unroll
-            for (int i = 0; i < VEC; ++i) acc[i] += w * to_float<DTYPE>(x[u].v[i]);
-          }
-        }
-      }
+      accumulate<DTYPE, VEC>(
+          p, pack, p.k, [&](int j) { return t * p.k + j; },
+          [&](int j) { return load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]); }, acc);
     }
-    __syncthreads();  // the stage is rewritten by the next round
+  } else {
+    __shared__ float stage_weight[kStage];
+    __shared__ long long stage_row[kStage];  // -1: dead pair, not read
+    for (int base = 0; base < p.k; base += kStage) {
+      const int n = min(kStage, p.k - base);
+      if (threadIdx.x < n) {
+        const int j = base + threadIdx.x;
+        long long row = -1;
+        float w = 0.0f;
+        if (row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi)) {
+          row = source_row<ROWS>(p, t, j);
+          w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+          if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
+            printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, row,
+                   p.expert_rows);
+            __trap();
+          }
+        }
+        stage_row[threadIdx.x] = row;
+        stage_weight[threadIdx.x] = w;
+      }
+      __syncthreads();
+      if (owns_pack) {
+        accumulate<DTYPE, VEC>(
+            p, pack, n, [&](int s) { return stage_row[s]; }, [&](int s) { return stage_weight[s]; }, acc);
+      }
+      __syncthreads();  // the stage is rewritten by the next round
+    }
   }
   if (owns_pack) {
     P o;
