@@ -76,14 +76,15 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
                               ";IM_FILTER=" + std::to_string(filter) + ";IM_ROWS=" + std::to_string(rows_code) +
                               ";IM_VEC=" + std::to_string(vec);
 
-  // One thread per output pack, 64 to 256 a block (64: a block stages 64 (row, weight) pairs at once).
-  // Few tokens get smaller blocks, so the work spreads over more SMs: at T=1, H=7168 bf16 (896 packs) four
-  // 256-thread blocks left 128 of 132 SMs idle.
+  // One thread per output pack, up to 256 a block; at least 64 when the kernel stages (row, weight) pairs
+  // 64 at a time in shared memory (filter or src_rows), else 32. Few tokens get smaller blocks, so the work
+  // spreads over more SMs: at T=1, H=7168 bf16 (896 packs) four 256-thread blocks left 128 of 132 SMs idle.
+  const int64_t min_threads = (filter == 0 && rows_code == 0) ? 32 : 64;
   const int64_t packs = h / vec;
   const int64_t wanted = 2 * multiprocessor_count(expert_out.device());
   int64_t threads = 256;
-  while (threads > 64 && tokens * ((packs + threads - 1) / threads) < wanted) threads /= 2;
-  threads = std::min<int64_t>(threads, std::max<int64_t>(64, (packs + 31) / 32 * 32));
+  while (threads > min_threads && tokens * ((packs + threads - 1) / threads) < wanted) threads /= 2;
+  threads = std::min<int64_t>(threads, std::max<int64_t>(min_threads, (packs + 31) / 32 * 32));
   const int64_t chunks = (packs + threads - 1) / threads;
   TORCH_CHECK(chunks <= 65535, cat("inductor_moe.moe_combine: hidden size ", h, " is too large"));
 
