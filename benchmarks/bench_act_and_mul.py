@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-import timing  # noqa: E402
-
 import inductor_moe as im  # noqa: E402
+
+import timing  # noqa: E402
 
 ACT_FNS = {
     "silu": F.silu,
@@ -74,8 +74,16 @@ def bench_unfiltered(shapes, activations, dtype, copy_gbs):
             ours_us[(activation, t, d)] = us_ours
             gbs = nbytes / (us_ours * 1e-6) / 1e9
             rows.append(
-                [activation, f"{t}×{d}", f"{us_eager:.2f}", f"{us_comp:.2f}", f"**{us_ours:.2f}**",
-                 f"{us_comp / us_ours:.2f}×", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"]
+                [
+                    activation,
+                    f"{t}×{d}",
+                    f"{us_eager:.2f}",
+                    f"{us_comp:.2f}",
+                    f"**{us_ours:.2f}**",
+                    f"{us_comp / us_ours:.2f}×",
+                    f"{gbs:.0f}",
+                    f"{100 * gbs / copy_gbs:.0f}%",
+                ]
             )
             del xs, comp
     timing.table(
@@ -107,14 +115,30 @@ def bench_filtered(shapes, fractions, dtype, unfiltered_us):
             )
             ratio = us_keep / (base * live) if live > 0 else float("nan")
             rows.append(
-                [f"{t}×{d}", f"{frac:.3f}", f"{us_eager:.2f}", f"{us_comp:.2f}", f"{us_zero:.2f}",
-                 f"**{us_keep:.2f}**", f"{base * live:.2f}", f"{ratio:.2f}"]
+                [
+                    f"{t}×{d}",
+                    f"{frac:.3f}",
+                    f"{us_eager:.2f}",
+                    f"{us_comp:.2f}",
+                    f"{us_zero:.2f}",
+                    f"**{us_keep:.2f}**",
+                    f"{base * live:.2f}",
+                    f"{ratio:.2f}",
+                ]
             )
         del xs, outs, comp
     timing.table(
         f"Filtered silu (per-row ids, -1 = dead), {dtype}, µs per call in a CUDA graph",
-        ["T×d", "dead", "eager where", "torch.compile where", "ours zero mode", "ours untouched",
-         "unfiltered × live", "untouched / (unfiltered × live)"],
+        [
+            "T×d",
+            "dead",
+            "eager where",
+            "torch.compile where",
+            "ours zero mode",
+            "ours untouched",
+            "unfiltered × live",
+            "untouched / (unfiltered × live)",
+        ],
         rows,
     )
 

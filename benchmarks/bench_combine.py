@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import timing  # noqa: E402
-
 import inductor_moe as im  # noqa: E402
+
+import timing  # noqa: E402
 
 K, H = 8, 7168
 
@@ -59,15 +59,32 @@ def main():
         us_ours_f = timing.graph_us([lambda e=e: im.moe_combine(e, w, ids) for e in eos])
         gbs = nbytes / (us_ours * 1e-6) / 1e9
         rows.append(
-            [f"{t}×{K}×{H}", f"{us_eager:.2f}", f"{us_bmm:.2f}", f"{us_comp:.2f}", f"**{us_ours:.2f}**",
-             f"{gbs:.0f} ({100 * gbs / copy_gbs:.0f}%)", f"{us_comp_f:.2f}", f"**{us_ours_f:.2f}**",
-             f"{us_ours_f / us_ours:.2f}"]
+            [
+                f"{t}×{K}×{H}",
+                f"{us_eager:.2f}",
+                f"{us_bmm:.2f}",
+                f"{us_comp:.2f}",
+                f"**{us_ours:.2f}**",
+                f"{gbs:.0f} ({100 * gbs / copy_gbs:.0f}%)",
+                f"{us_comp_f:.2f}",
+                f"**{us_ours_f:.2f}**",
+                f"{us_ours_f / us_ours:.2f}",
+            ]
         )
         del eos
     timing.table(
         "moe_combine, bf16 expert_out, fp32 weights, µs per call in a CUDA graph",
-        ["T×K×H", "eager view·mul·sum", "eager bmm", "torch.compile", "ours", "ours GB/s (% copy)",
-         "torch.compile, half dead", "ours, half dead", "half dead / all live"],
+        [
+            "T×K×H",
+            "eager view·mul·sum",
+            "eager bmm",
+            "torch.compile",
+            "ours",
+            "ours GB/s (% copy)",
+            "torch.compile, half dead",
+            "ours, half dead",
+            "half dead / all live",
+        ],
         rows,
     )
 

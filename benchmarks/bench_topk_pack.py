@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import timing  # noqa: E402
-
 import inductor_moe as im  # noqa: E402
 from inductor_moe import reference  # noqa: E402
+
+import timing  # noqa: E402
 
 K = 8
 
@@ -57,8 +57,15 @@ def main():
         rows.append([f"{t}×{K}"] + [f"{v:.2f}" for v in us.values()])
     timing.table(
         "pack_topk_ids_weights, int32 ids + fp32 weights -> int32, µs per kernel in a CUDA graph",
-        ["T×K", "eager", "torch.compile", "ours, PDL off", "ours chain of 32, PDL off", "ours, PDL on",
-         "ours chain of 32, PDL on"],
+        [
+            "T×K",
+            "eager",
+            "torch.compile",
+            "ours, PDL off",
+            "ours chain of 32, PDL off",
+            "ours, PDL on",
+            "ours chain of 32, PDL on",
+        ],
         rows,
     )
 

@@ -26,14 +26,18 @@ def main():
     if device == "cuda":
         torch.cuda.synchronize()
     print(f"device: {device}; first call {time.perf_counter() - start:.3f} s (kernel build or cache load on CUDA)")
-    print(f"silu_and_mul {tuple(gate_up.shape)} -> {tuple(y.shape)}, "
-          f"max |err| vs reference {(y.float() - reference.act_and_mul_ref(gate_up, 'silu').float()).abs().max():.2e}")
+    print(
+        f"silu_and_mul {tuple(gate_up.shape)} -> {tuple(y.shape)}, "
+        f"max |err| vs reference {(y.float() - reference.act_and_mul_ref(gate_up, 'silu').float()).abs().max():.2e}"
+    )
 
     filtered = im.silu_and_mul(gate_up, expert_ids=expert_ids, expert_range=local)
     live = (expert_ids >= local[0]) & (expert_ids < local[1])
-    print(f"expert filter {local}: {int(live.sum())}/{live.numel()} rows live, dead rows zero: "
-          f"{bool((filtered[~live] == 0).all())}, live rows equal the unfiltered result: "
-          f"{bool(torch.equal(filtered[live], y[live]))}")
+    print(
+        f"expert filter {local}: {int(live.sum())}/{live.numel()} rows live, dead rows zero: "
+        f"{bool((filtered[~live] == 0).all())}, live rows equal the unfiltered result: "
+        f"{bool(torch.equal(filtered[live], y[live]))}"
+    )
 
     out = torch.full_like(y, float("nan"))
     im.gelu_and_mul(gate_up, out=out, expert_ids=expert_ids, expert_range=local)

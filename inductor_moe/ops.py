@@ -18,15 +18,15 @@ from .kernels import jit
 _lib = torch.library.Library("inductor_moe", "DEF")
 
 _FILTER_ARGS = "Tensor? expert_ids=None, int expert_step=1, int expert_lo=0, int expert_hi=2147483647"
-_lib.define(
-    f"act_and_mul(Tensor input, str activation, {_FILTER_ARGS}) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,)
-)
+_lib.define(f"act_and_mul(Tensor input, str activation, {_FILTER_ARGS}) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
 _lib.define(
     f"act_and_mul_out(Tensor input, Tensor(a!) out, str activation, {_FILTER_ARGS}) -> ()",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
-_lib.define("pack_topk_ids_weights(Tensor topk_ids, Tensor topk_weights) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_lib.define(
+    "pack_topk_ids_weights(Tensor topk_ids, Tensor topk_weights) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,)
+)
 _lib.define(
     "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor? topk_ids=None, int expert_lo=0, "
     "int expert_hi=2147483647, Tensor? src_rows=None) -> Tensor",
@@ -38,8 +38,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Argument checks, shared by the fake and CPU implementations. csrc/act_and_mul.cpp makes the same checks with the same
-# messages for CUDA (it cannot call back into Python without costing the ~45 us a C++ op saves).
+# Argument checks, shared by the fake and CPU implementations. csrc/<family>.cpp makes the same checks with the
+# same messages for CUDA (it cannot call back into Python without costing the ~45 us a C++ op saves).
 # Comparisons that involve sizes use guard_or_false, so a symbolic batch is never specialised by a check.
 
 
@@ -160,9 +160,14 @@ def _check_topk_pack(ids, weights):
     check(weights.dtype in _DTYPES, f"topk_weights dtype must be float16, bfloat16 or float32, got {weights.dtype}")
     check(ids.device == weights.device, f"topk_weights must be on {ids.device}, got {weights.device}")
     check(ids.dim() >= 1, "topk_ids must have at least one dim")
-    check(ids.shape == weights.shape, f"topk_ids {list(ids.shape)} and topk_weights {list(weights.shape)} differ in shape")
+    check(
+        ids.shape == weights.shape, f"topk_ids {list(ids.shape)} and topk_weights {list(weights.shape)} differ in shape"
+    )
     for name, t in (("topk_ids", ids), ("topk_weights", weights)):
-        check(_flat_row_stride(t) is not None, f"{name}'s leading dims must flatten to one row stride; got strides {list(t.stride())}")
+        check(
+            _flat_row_stride(t) is not None,
+            f"{name}'s leading dims must flatten to one row stride; got strides {list(t.stride())}",
+        )
     check(ids.numel() <= _MAX_INDEX, f"at most 2**31-1 (id, weight) pairs are supported, got {ids.numel()}")
 
 

@@ -72,7 +72,9 @@ def pack_topk_ids_weights_ref(topk_ids: torch.Tensor, topk_weights: torch.Tensor
     it back). Outside that range only the id's low 16 bits are kept (int64 ids are first truncated to int32,
     as ``.to(int32)`` does). The ``& 0xFFFF`` keeps a negative weight's sign extension out of the id bits.
     """
-    return (topk_ids.to(torch.int32) << 16) | (topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
+    return (topk_ids.to(torch.int32) << 16) | (
+        topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    )
 
 
 def moe_combine_ref(

@@ -207,7 +207,9 @@ def test_cuda_graph_and_pdl(monkeypatch, pdl):
         graph.replay()
         ref = reference.moe_combine_ref(eo, w, ids, 0, 8, rows)
         torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
-        torch.testing.assert_close(z, reference.moe_combine_ref(y, torch.ones(32, 2, device="cuda")), **TOL[torch.bfloat16])
+        torch.testing.assert_close(
+            z, reference.moe_combine_ref(y, torch.ones(32, 2, device="cuda")), **TOL[torch.bfloat16]
+        )
 
 
 @pytest.mark.cuda

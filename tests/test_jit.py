@@ -129,7 +129,9 @@ def test_target_for_known_and_future_arch():
 
 
 def test_compile_error_is_reported_with_log(cache):
-    with pytest.raises(RuntimeError, match=r"(?s)compiling act_and_mul with .*-arch=sm_90a.*identifier \"IM_ACT\" is undefined"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)compiling act_and_mul with .*-arch=sm_90a.*identifier \"IM_ACT\" is undefined"
+    ):
         jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_FILTER=0, IM_VEC=8), "sm_90a")
 
 

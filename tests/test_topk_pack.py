@@ -23,10 +23,24 @@ INDEX_DTYPES = [torch.int32, torch.int64]
 def special_weights(n, dtype, device):
     """Random weights with every edge value the rounding must get right mixed in."""
     specials = [
-        0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan"), -float("nan"),
-        1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8),  # exact ties: round to even, both directions
-        1e-40, -1e-40, 2**-133, 3.3895e38, -3.3895e38,  # subnormals; values that round up to inf
-        65504.0, 6e-8,  # fp16 max, fp16 subnormal
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+        -float("nan"),
+        1.0 + 2**-8,
+        1.0 + 3 * 2**-8,
+        -(1.0 + 2**-8),  # exact ties: round to even, both directions
+        1e-40,
+        -1e-40,
+        2**-133,
+        3.3895e38,
+        -3.3895e38,  # subnormals; values that round up to inf
+        65504.0,
+        6e-8,  # fp16 max, fp16 subnormal
     ]
     w = torch.randn(n, device=device) * torch.logspace(-6, 6, n, device=device)
     w[: len(specials)] = torch.tensor(specials, device=device)[:n]
@@ -62,7 +76,7 @@ def test_format():
 @pytest.mark.parametrize("shape", [(0, 8), (1, 8), (7, 3), (37, 1), (4097, 8), (3, 5, 8)])
 def test_op_matches_reference(device, ids_dtype, w_dtype, shape):
     n = math.prod(shape)
-    ids = torch.randint(-2**31, 2**31 - 1, shape, device=device).to(ids_dtype)
+    ids = torch.randint(-(2**31), 2**31 - 1, shape, device=device).to(ids_dtype)
     ids.view(-1)[: min(n, 4)] = torch.tensor([-1, 0, 32767, -32768], device=device)[: min(n, 4)].to(ids_dtype)
     w = special_weights(n, w_dtype, device).view(shape)
     assert_bit_exact(im.pack_topk_ids_weights(ids, w), reference.pack_topk_ids_weights_ref(ids, w))
@@ -152,7 +166,7 @@ def interpreted_topk_pack(monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 8), (37, 3), (1500, 8)])
 def test_triton_kernel_in_interpreter(interpreted_topk_pack, ids_dtype, w_dtype, shape):
     n = math.prod(shape)
-    ids = torch.randint(-2**31, 2**31 - 1, shape).to(ids_dtype)
+    ids = torch.randint(-(2**31), 2**31 - 1, shape).to(ids_dtype)
     w = special_weights(n, w_dtype, "cpu").view(shape)
     for i, wt in ((ids, w), (ids.t().contiguous().t(), w.t().contiguous().t())):  # contiguous and transposed
         out = torch.full(shape, 0x5A5A5A5A, dtype=torch.int32)  # poison

@@ -157,7 +157,9 @@ def compile_variant(family: str, defines: dict[str, int], arch: str) -> Path:
     sources = _family_sources(family)
     options = _variant_options(defines, arch)
     # The -I path is left out of the key: the same sources installed elsewhere reuse the cache.
-    key = _digest(*(p.read_bytes() for p in sources), *(o for o in options if not o.startswith("-I")), f"nvrtc{version}")
+    key = _digest(
+        *(p.read_bytes() for p in sources), *(o for o in options if not o.startswith("-I")), f"nvrtc{version}"
+    )
     suffix = "ptx" if arch.startswith("compute_") else "cubin"
     path = config.cache_dir() / "kernels" / f"{family}-{arch}-{key}.{suffix}"
     if path.exists():
@@ -252,8 +254,17 @@ def build_host_library() -> Path:
             for cmd in ([cxx, *flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects))
         ]
         torch_lib = Path(torch.__file__).parent / "lib"
-        link = [cxx, "-shared", *map(str, objects), "-o", str(Path(tmp) / path.name), f"-L{torch_lib}", "-lc10",
-                "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+        link = [
+            cxx,
+            "-shared",
+            *map(str, objects),
+            "-o",
+            str(Path(tmp) / path.name),
+            f"-L{torch_lib}",
+            "-lc10",
+            "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}",
+        ]
         for cmd, proc in procs + [(link, None)]:
             proc = proc or subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             output = proc.communicate()[0]
