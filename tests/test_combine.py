@@ -229,3 +229,15 @@ def test_src_rows_out_of_range_is_a_device_error():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "src_rows[3, 1] = 99 is outside expert_out's 16 rows" in result.stdout
+
+
+def test_sizes_past_32_bit_indexing_rejected():
+    # Meta tensors reach the fake function without allocating.
+    w = torch.rand(4, 2, device="meta")
+    with pytest.raises(RuntimeError, match=r"must be below 2\*\*31, got 2147483648"):
+        im.moe_combine(torch.empty(8, 2**31, dtype=torch.bfloat16, device="meta"), w)
+    # large but legal: more than 2**31 elements in expert_out needs 64-bit row offsets, not an error
+    out = im.moe_combine(
+        torch.empty(2**20, 2**12, dtype=torch.bfloat16, device="meta"), torch.rand(2**17, 8, device="meta")
+    )
+    assert out.shape == (2**17, 2**12)

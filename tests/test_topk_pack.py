@@ -215,3 +215,23 @@ def test_cuda_nan_bits_match_torch(dtype):
 
 def test_interpreter_env_not_leaked():
     assert os.environ.get("TRITON_INTERPRET") in (None, "0", "")
+
+
+def test_sizes_past_32_bit_indexing_rejected():
+    # Meta tensors reach the fake function without allocating.
+    ids = torch.empty(2**28, 8, dtype=torch.int32, device="meta")
+    w = torch.empty(2**28, 8, device="meta")
+    with pytest.raises(RuntimeError, match=r"at most 2\*\*31-1 \(id, weight\) pairs"):
+        im.pack_topk_ids_weights(ids, w)
+    assert im.pack_topk_ids_weights(ids[:1000], w[:1000]).shape == (1000, 8)
+
+
+def test_layout_past_32_bit_offsets_rejected_by_the_kernel_launcher():
+    from inductor_moe.kernels.triton.topk_pack import topk_pack
+
+    # a column slice of a very wide buffer: few pairs, but offsets past 2**31 (meta: nothing allocated)
+    ids = torch.empty(3000, 2**20, dtype=torch.int32, device="meta")[:, :8]
+    w = torch.empty(3000, 8, device="meta")
+    out = torch.empty(3000, 8, dtype=torch.int32, device="meta")
+    with pytest.raises(RuntimeError, match=r"topk_ids's layout reaches element offset \d+, past 2\*\*31-1"):
+        topk_pack(ids, w, ops.pack_strides(ids), ops.pack_strides(w), out)

@@ -87,6 +87,15 @@ def topk_pack(ids: torch.Tensor, weights: torch.Tensor, ids_strides, w_strides, 
     numel = out.numel()
     if numel == 0:
         return
+    rows, k = numel // out.shape[-1], out.shape[-1]
+    for name, (row_stride, col_stride) in (("topk_ids", ids_strides), ("topk_weights", w_strides)):
+        # the kernel's offsets are 32-bit (numel < 2**31 is checked by the op; a strided view can reach further)
+        last = (rows - 1) * row_stride + (k - 1) * col_stride
+        if last > 2**31 - 1:
+            raise RuntimeError(
+                f"inductor_moe.pack_topk_ids_weights: {name}'s layout reaches element offset {last}, past 2**31-1; "
+                "pass a contiguous tensor"
+            )
     interpret = ids.device.type == "cpu"  # only under TRITON_INTERPRET=1
     pdl = not interpret and config.pdl_enabled() and torch.cuda.get_device_capability(ids.device)[0] >= 9
     nan_pos, nan_neg = nan_bits(ids.device.type, weights.dtype)
