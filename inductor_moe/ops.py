@@ -290,6 +290,13 @@ for _name in _CUDA_OPS:
 # Public eager API (drop-in for SGLang-style call sites)
 
 _act_and_mul_op = torch.ops.inductor_moe.act_and_mul.default
+
+
+def _expert_bounds(expert_range: tuple[int, int] | None) -> tuple[int, int]:
+    """The public ``expert_range`` as the ops' (expert_lo, expert_hi); the default makes -1 the dead marker."""
+    return (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
+
+
 _act_and_mul_out_op = torch.ops.inductor_moe.act_and_mul_out.default
 
 
@@ -309,7 +316,7 @@ def act_and_mul(
     parallelism). Without ``out`` a new tensor is returned and dead rows are zero; with ``out`` the result is
     written there, dead rows are left untouched, and ``out`` is returned.
     """
-    lo, hi = (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
+    lo, hi = _expert_bounds(expert_range)
     if out is None:
         return _act_and_mul_op(input, activation, expert_ids, expert_step, lo, hi)
     _act_and_mul_out_op(input, out, activation, expert_ids, expert_step, lo, hi)
@@ -341,7 +348,7 @@ def moe_combine(
     ``lo <= topk_ids[t, k] < hi`` for ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``); dead pairs are
     not read, and a token with no live pair is zero.
     """
-    lo, hi = (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
+    lo, hi = _expert_bounds(expert_range)
     return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows)
 
 

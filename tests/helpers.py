@@ -44,3 +44,24 @@ def assert_matches_reference(out, ref):
         # One-ulp differences must stay rare: a systematic bias (truncation instead of round-to-nearest-even,
         # a wrong constant) would flip a large fraction of elements.
         assert (out != ref).float().mean().item() < 0.01
+
+
+def assert_compiles_once(fn, make_args, batches, check, unbacked=False):
+    """Compile ``fn`` with Inductor (fullgraph) and call it at every batch size in ``batches``, dim 0 of every
+    argument from ``make_args(t)`` marked dynamic: backed with sizes 0/1 not specialised
+    (backed_size_oblivious), or unbacked (no guards on the batch at all). ``check(compiled, eager)`` must hold
+    at every size, and the function must have compiled exactly once."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch.fx.experimental import _config as fx_config
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    mark = torch._dynamo.decorators.mark_unbacked if unbacked else torch._dynamo.mark_dynamic
+    with fx_config.patch(backed_size_oblivious=not unbacked):
+        for t in batches:
+            args = make_args(t)
+            for a in args:
+                mark(a, 0)
+            check(compiled(*args), fn(*args))
+    assert counter.frame_count == 1

@@ -15,7 +15,15 @@ import torch
 import inductor_moe as im
 from inductor_moe import reference
 
-from helpers import DEVICES, DTYPES, assert_matches_reference, poison_allocator, poisoned_like, randn
+from helpers import (
+    DEVICES,
+    DTYPES,
+    assert_compiles_once,
+    assert_matches_reference,
+    poison_allocator,
+    poisoned_like,
+    randn,
+)
 
 ACTIVATIONS = list(reference.ACTIVATIONS)
 
@@ -300,26 +308,16 @@ def test_fake_symbolic_shapes():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["backed", "unbacked"])
 def test_compile_no_recompile_across_batch(device, mode):
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch.fx.experimental import _config as fx_config
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-
     def f(x, ids):
         return im.silu_and_mul(x, expert_ids=ids) * 2
 
-    compiled = torch.compile(f, backend=counter, fullgraph=True)
-    # backed: sizes 0/1 are not specialised (backed_size_oblivious); unbacked: no guards on the batch at all
-    with fx_config.patch(backed_size_oblivious=mode == "backed"):
-        for t in (1, 2, 3, 64, 1000, 4096):
-            x = randn(t, 2 * 32, device=device)
-            ids = torch.randint(-1, 8, (t,), device=device)
-            mark = torch._dynamo.mark_dynamic if mode == "backed" else torch._dynamo.decorators.mark_unbacked
-            mark(x, 0)
-            mark(ids, 0)
-            torch.testing.assert_close(compiled(x, ids), f(x, ids), rtol=0, atol=0)
-    assert counter.frame_count == 1
+    assert_compiles_once(
+        f,
+        lambda t: (randn(t, 2 * 32, device=device), torch.randint(-1, 8, (t,), device=device)),
+        (1, 2, 3, 64, 1000, 4096),
+        lambda out, ref: torch.testing.assert_close(out, ref, rtol=0, atol=0),
+        unbacked=mode == "unbacked",
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

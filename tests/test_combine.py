@@ -14,7 +14,7 @@ import torch
 import inductor_moe as im
 from inductor_moe import reference
 
-from helpers import DEVICES, DTYPES, TOL, poison_allocator, randn
+from helpers import DEVICES, DTYPES, TOL, assert_compiles_once, poison_allocator, randn
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 
@@ -161,24 +161,19 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_no_recompile_across_batch(device):
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch.fx.experimental import _config as fx_config
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-
     def f(expert_out, w, ids):
         return im.moe_combine(expert_out * 2, w.softmax(-1), ids, (0, 8))
 
-    compiled = torch.compile(f, backend=counter, fullgraph=True)
-    with fx_config.patch(backed_size_oblivious=True):
-        for t in (1, 2, 37, 1000):
-            eo, w = randn(t * 4, 32, device=device), randn(t, 4, device=device)
-            ids = torch.randint(-1, 8, (t, 4), device=device)
-            for x in (eo, w, ids):
-                torch._dynamo.mark_dynamic(x, 0)
-            torch.testing.assert_close(compiled(eo, w, ids), f(eo, w, ids), **TOL[torch.float32])
-    assert counter.frame_count == 1
+    assert_compiles_once(
+        f,
+        lambda t: (
+            randn(t * 4, 32, device=device),
+            randn(t, 4, device=device),
+            torch.randint(-1, 8, (t, 4), device=device),
+        ),
+        (1, 2, 37, 1000),
+        lambda out, ref: torch.testing.assert_close(out, ref, **TOL[torch.float32]),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------

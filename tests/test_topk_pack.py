@@ -15,7 +15,7 @@ import torch
 import inductor_moe as im
 from inductor_moe import ops, reference
 
-from helpers import DEVICES, DTYPES
+from helpers import DEVICES, DTYPES, assert_compiles_once
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 
@@ -125,26 +125,17 @@ def test_opcheck(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_no_recompile_across_batch(device):
-    from torch._dynamo.testing import CompileCounterWithBackend
-    from torch.fx.experimental import _config as fx_config
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-
     # Only exact arithmetic around the op (a compiled softmax may differ from eager by an ulp, which can swap
     # near-tied top-k picks and make the two sides disagree for reasons that are not the op's).
     def f(ids, w):
         return im.pack_topk_ids_weights(ids + 1, w * 2)
 
-    compiled = torch.compile(f, backend=counter, fullgraph=True)
-    with fx_config.patch(backed_size_oblivious=True):
-        for t in (1, 2, 37, 1000, 4096):
-            ids = torch.randint(-1, 255, (t, 8), device=device)
-            w = torch.randn(t, 8, device=device)
-            torch._dynamo.mark_dynamic(ids, 0)
-            torch._dynamo.mark_dynamic(w, 0)
-            assert_bit_exact(compiled(ids, w), f(ids, w))
-    assert counter.frame_count == 1
+    assert_compiles_once(
+        f,
+        lambda t: (torch.randint(-1, 255, (t, 8), device=device), torch.randn(t, 8, device=device)),
+        (1, 2, 37, 1000, 4096),
+        assert_bit_exact,
+    )
 
 
 @pytest.fixture
