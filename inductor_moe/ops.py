@@ -313,7 +313,7 @@ def act_and_mul(
     With ``expert_ids``, row ``r`` is computed only if ``lo <= expert_ids[r // expert_step] < hi`` where
     ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``: the id ``-1`` marks a dead row; pass
     ``(0, num_experts)`` to also treat ``id >= num_experts`` as dead, or a local expert range for expert
-    parallelism). Without ``out`` a new tensor is returned and dead rows are zero; with ``out`` the result is
+    parallelism; with ``lo > hi`` the range wraps around: live iff ``id >= lo or id < hi``). Without ``out`` a new tensor is returned and dead rows are zero; with ``out`` the result is
     written there, dead rows are left untouched, and ``out`` is returned.
     """
     lo, hi = _expert_bounds(expert_range)
@@ -345,8 +345,8 @@ def moe_combine(
 
     ``row(t, k)`` is ``src_rows[t, k]`` when given (rows gathered from anywhere in ``expert_out``), else
     ``t * K + k`` (token-major). With ``topk_ids``, pair ``(t, k)`` is live only if
-    ``lo <= topk_ids[t, k] < hi`` for ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``); dead pairs are
-    not read, and a token with no live pair is zero.
+    ``lo <= topk_ids[t, k] < hi`` for ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``; wrapping around
+    when ``lo > hi``, as in :func:`act_and_mul`); dead pairs are not read, and a token with no live pair is zero.
     """
     lo, hi = _expert_bounds(expert_range)
     return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows)

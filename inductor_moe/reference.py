@@ -27,12 +27,22 @@ def activation_ref(x: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def live_ids_ref(ids: torch.Tensor, expert_lo: int = EXPERT_LO, expert_hi: int = EXPERT_HI) -> torch.Tensor:
+    """The expert filter on ids: live iff the id lies in [expert_lo, expert_hi). When expert_lo > expert_hi the
+    range wraps around: live iff id >= expert_lo or id < expert_hi, so (c + 1, c) keeps every id but c (the
+    lowerings express a spelled ``id == c`` dead marker that way). Bool, ids' shape."""
+    ids = ids.long()  # compare as int64: a bound outside int32 must not wrap to an int32 scalar
+    if expert_lo <= expert_hi:
+        return (ids >= expert_lo) & (ids < expert_hi)
+    return (ids >= expert_lo) | (ids < expert_hi)
+
+
 def live_rows_ref(
     expert_ids: torch.Tensor, rows: int, expert_step: int = 1, expert_lo: int = EXPERT_LO, expert_hi: int = EXPERT_HI
 ) -> torch.Tensor:
-    """The expert filter: row r is live iff expert_lo <= expert_ids[r // expert_step] < expert_hi. Bool [rows]."""
+    """The expert filter on rows: row r is live iff expert_ids[r // expert_step] is live. Bool [rows]."""
     ids = expert_ids.reshape(-1)[torch.arange(rows, device=expert_ids.device) // expert_step]
-    return (ids >= expert_lo) & (ids < expert_hi)
+    return live_ids_ref(ids, expert_lo, expert_hi)
 
 
 def act_and_mul_ref(
@@ -95,7 +105,7 @@ def moe_combine_ref(
     rows = torch.arange(t * k, device=expert_out.device).view(t, k) if src_rows is None else src_rows.long()
     live = torch.ones(t, k, dtype=torch.bool, device=expert_out.device)
     if topk_ids is not None:
-        live = (topk_ids >= expert_lo) & (topk_ids < expert_hi)
+        live = live_ids_ref(topk_ids, expert_lo, expert_hi)
     acc = torch.promote_types(expert_out.dtype, torch.float32)
     gathered = expert_out[torch.where(live, rows, 0).reshape(-1)].view(t, k, expert_out.shape[1]).to(acc)
     terms = torch.where(live.unsqueeze(-1), gathered * topk_weights.to(acc).unsqueeze(-1), 0.0)

@@ -19,6 +19,23 @@ TOL = {
 }
 
 
+def id_in_range(expert_id: int, lo: int, hi: int) -> bool:
+    """The expert filter for one id, phrased independently of reference.live_ids_ref: [lo, hi), or everything
+    outside [hi, lo) when the range wraps around (lo > hi)."""
+    return lo <= expert_id < hi if lo <= hi else not hi <= expert_id < lo
+
+
+# Ranges of the filter tests: plain, empty, and wrapped ((c + 1, c) kills exactly c; (0, -2**63) keeps id >= 0).
+FILTER_RANGES = [(0, 8), (3, 3), (0, -1), (-1, -2), (5, 3), (0, -(2**63)), (-(2**63), 2**63 - 1)]
+
+
+def extreme_ids(dtype, device):
+    """Ids at the edges of ``dtype`` and around the filter ranges above."""
+    info = torch.iinfo(dtype)
+    values = [info.min, info.min + 1, -2, -1, 0, 1, 2, 3, 4, 5, 7, 8, info.max - 1, info.max]
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def randn(*shape, dtype=torch.float32, device="cpu"):
     # Scale 3: the activations' tails (x << 0, erf/tanh saturation) are exercised, not just the middle.
     return (torch.randn(*shape, device=device) * 3).to(dtype)

@@ -18,8 +18,11 @@ from inductor_moe import reference
 from helpers import (
     DEVICES,
     DTYPES,
+    FILTER_RANGES,
     assert_compiles_once,
     assert_matches_reference,
+    extreme_ids,
+    id_in_range,
     poison_allocator,
     poisoned_like,
     randn,
@@ -203,6 +206,20 @@ def test_filter_local_expert_range(device):
     live = (ids >= 16) & (ids < 32)
     assert_matches_reference(out, reference.act_and_mul_ref(x, "gelu_tanh", ids, 1, 16, 32))
     assert torch.equal(out[live], im.gelu_tanh_and_mul(x)[live])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("lo,hi", FILTER_RANGES)
+def test_filter_range_edges(device, ids_dtype, lo, hi):
+    # every id at the edges of its dtype, against ranges that are plain, empty and wrapped around
+    ids = extreme_ids(ids_dtype, device)
+    x = randn(ids.numel(), 2 * 40, device=device)
+    live = torch.tensor([id_in_range(i, lo, hi) for i in ids.tolist()], device=device)
+    out = im.silu_and_mul(x, expert_ids=ids, expert_range=(lo, hi))
+    assert torch.equal(out[live], im.silu_and_mul(x)[live])
+    assert not out[~live].any()
+    assert torch.equal(reference.live_rows_ref(ids, ids.numel(), 1, lo, hi), live)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,17 @@ import torch
 import inductor_moe as im
 from inductor_moe import reference
 
-from helpers import DEVICES, DTYPES, TOL, assert_compiles_once, poison_allocator, randn
+from helpers import (
+    DEVICES,
+    DTYPES,
+    FILTER_RANGES,
+    TOL,
+    assert_compiles_once,
+    extreme_ids,
+    id_in_range,
+    poison_allocator,
+    randn,
+)
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 
@@ -25,7 +35,7 @@ def combine_loop(expert_out, w, ids, lo, hi, src_rows):
     out = torch.zeros(t_count, expert_out.shape[1], dtype=torch.float64)
     for t in range(t_count):
         for j in range(k):
-            if ids is not None and not lo <= int(ids[t, j]) < hi:
+            if ids is not None and not id_in_range(int(ids[t, j]), lo, hi):
                 continue
             row = int(src_rows[t, j]) if src_rows is not None else t * k + j
             out[t] += float(w[t, j]) * expert_out[row].double()
@@ -112,6 +122,19 @@ def test_live_pair_of_weight_zero_still_reads_its_row(device, filtered):
     ref = reference.moe_combine_ref(eo, w, ids)
     assert out[0, 3].isnan() and ref[0, 3].isnan()
     torch.testing.assert_close(out, ref, equal_nan=True, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("lo,hi", FILTER_RANGES)
+def test_filter_range_edges(device, ids_dtype, lo, hi):
+    # ids at the edges of their dtype, two tokens of K = 7, against plain, empty and wrapped ranges
+    ids = extreme_ids(ids_dtype, device).view(2, 7)
+    eo = randn(14, 24, device=device)
+    w = torch.rand(2, 7, device=device)
+    out = im.moe_combine(eo, w, ids, expert_range=(lo, hi))
+    expected = combine_loop(eo.cpu(), w.cpu(), ids.cpu(), lo, hi, None)
+    torch.testing.assert_close(out.cpu(), expected.float(), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -67,7 +67,9 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
-// The expert filter of DESIGN.md: row r is live iff lo <= expert_ids[r / step] < hi.
+// The expert filter of DESIGN.md: row r is live iff expert_ids[r / step] lies in [lo, hi), a range that wraps
+// around when lo > hi (live iff id >= lo or id < hi; that is how the lowerings express `id != c`). One
+// unsigned compare of the differences mod 2^64 covers both cases.
 template <int FILTER>
 __device__ __forceinline__ bool row_is_live(const void* expert_ids, long long row, long long step, long long lo,
                                             long long hi) {
@@ -76,7 +78,8 @@ __device__ __forceinline__ bool row_is_live(const void* expert_ids, long long ro
   } else {
     const long long id = FILTER == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[row / step])
                                      : static_cast<const long long*>(expert_ids)[row / step];
-    return id >= lo && id < hi;
+    return static_cast<unsigned long long>(id) - static_cast<unsigned long long>(lo) <
+           static_cast<unsigned long long>(hi) - static_cast<unsigned long long>(lo);
   }
 }
 
