@@ -313,8 +313,9 @@ def act_and_mul(
     With ``expert_ids``, row ``r`` is computed only if ``lo <= expert_ids[r // expert_step] < hi`` where
     ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``: the id ``-1`` marks a dead row; pass
     ``(0, num_experts)`` to also treat ``id >= num_experts`` as dead, or a local expert range for expert
-    parallelism; with ``lo > hi`` the range wraps around: live iff ``id >= lo or id < hi``). Without ``out`` a new tensor is returned and dead rows are zero; with ``out`` the result is
-    written there, dead rows are left untouched, and ``out`` is returned.
+    parallelism; with ``lo > hi`` the range wraps around: live iff ``id >= lo or id < hi``). Without ``out``
+    a new tensor is returned and dead rows are zero; with ``out`` the result is written there, dead rows are
+    left untouched, and ``out`` is returned.
     """
     lo, hi = _expert_bounds(expert_range)
     if out is None:
