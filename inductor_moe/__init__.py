@@ -3,6 +3,11 @@
 Eager API (drop-in for SGLang-style call sites): :func:`silu_and_mul`, :func:`gelu_and_mul`,
 :func:`gelu_tanh_and_mul` and :func:`act_and_mul`, all with the optional expert filter. The same computations
 are the custom ops ``torch.ops.inductor_moe.*``, with :func:`pack_topk_ids_weights` and :func:`moe_combine`.
+
+Compiler: ``torch.compile(model, backend="inductor_moe")`` rewrites those computations, however a model spells
+them, into the ops (:mod:`inductor_moe.backend`); :func:`enable` / :func:`disable` do it for the stock
+``inductor`` backend; :func:`explain` says what was rewritten and why something was not. They are imported on
+first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s).
 """
 
 from .ops import (
@@ -17,9 +22,24 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+_COMPILER_API = ("enable", "disable", "explain")
+
+
+def __getattr__(name: str):
+    if name in (*_COMPILER_API, "backend"):
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.backend")  # also binds inductor_moe.backend
+        return module if name == "backend" else getattr(module, name)
+    raise AttributeError(f"module 'inductor_moe' has no attribute {name!r}")
+
+
 __all__ = [
     "__version__",
     "act_and_mul",
+    "disable",
+    "enable",
+    "explain",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "load_cuda_kernels",

@@ -54,26 +54,32 @@ def _check(cond, msg: str, op: str = "act_and_mul") -> None:
     torch._check(cond, lambda: f"inductor_moe.{op}: {msg}")
 
 
-def _flat_row_stride(t: torch.Tensor):
-    """Row stride of ``t`` viewed as [rows, t.shape[-1]], or None if its leading dims do not flatten."""
+def _flat_row_stride(t: torch.Tensor, holds=guard_or_false):
+    """Row stride of ``t`` viewed as [rows, t.shape[-1]], or None if its leading dims do not flatten.
+    ``holds`` decides size conditions (the lowerings pass one that never guards)."""
     if t.dim() <= 1:
         return t.shape[-1]
     stride = expected = None
     for i in range(t.dim() - 2, -1, -1):
-        if guard_or_false(t.shape[i] == 1):
+        if holds(t.shape[i] == 1):
             continue
         if stride is None:
             stride = t.stride(i)
-        elif not guard_or_false(t.stride(i) == expected):
+        elif not holds(t.stride(i) == expected):
             return None
         expected = t.stride(i) * t.shape[i]
     return t.shape[-1] if stride is None else stride
 
 
+def rows_layout_ok(t: torch.Tensor, holds=guard_or_false) -> bool:
+    """Whether the kernels can read ``t`` as [rows, last dim]: a contiguous last dim, leading dims that flatten."""
+    contiguous_last = holds(t.shape[-1] <= 1) or holds(t.stride(-1) == 1)
+    return t.dim() >= 1 and contiguous_last and _flat_row_stride(t, holds) is not None
+
+
 def _check_layout(name: str, t: torch.Tensor) -> None:
-    contiguous_last = guard_or_false(t.shape[-1] <= 1) or guard_or_false(t.stride(-1) == 1)
     _check(
-        contiguous_last and _flat_row_stride(t) is not None,
+        rows_layout_ok(t),
         f"{name} must have a contiguous last dim and leading dims that flatten to one row stride; "
         f"got strides {list(t.stride())}",
     )

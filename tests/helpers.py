@@ -82,3 +82,29 @@ def assert_compiles_once(fn, make_args, batches, check, unbacked=False):
                 mark(a, 0)
             check(compiled(*args), fn(*args))
     assert counter.frame_count == 1
+
+
+def compile_rewrite(fn, *args, dynamic=None, fullgraph=True):
+    """Compile ``fn`` with the inductor_moe backend, CPU graphs rewritten too, run it on ``args``; returns the
+    result and the lowerings' report (rewrites, rejections, the graph after the pass). Caches off and
+    dynamo reset, so the pass runs every time."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from inductor_moe import config
+    from inductor_moe.lowerings import report
+
+    torch._dynamo.reset()
+    with (
+        config.override(devices="cpu,cuda"),
+        report.collect() as collected,
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        out = torch.compile(fn, backend="inductor_moe", fullgraph=fullgraph, dynamic=dynamic)(*args)
+    return out, collected
+
+
+def families(report) -> list[str]:
+    """The families rewritten, in order (one entry per rewrite)."""
+    return [r.family for r in report.rewrites]

@@ -1,0 +1,136 @@
+"""The ``inductor_moe`` dynamo backend: stock Inductor with our post-grad pass.
+
+``torch.compile(model, backend="inductor_moe")`` finds :func:`inductor_moe_backend` through the
+``torch_dynamo_backends`` entry point (no import needed; passing the function itself works too); ``mode=`` and
+``options=`` mean what they mean for ``backend="inductor"``.
+:func:`enable` / :func:`disable` add the pass to the stock ``inductor`` backend instead. :func:`explain`
+compiles a function and says what was rewritten and what was not, and why.
+
+The pass (:class:`MoEPass`) is Inductor's ``post_grad_custom_post_pass``. It never replaces a pass the user
+installed: it wraps it (a single pass on torch 2.11, a list on 2.13+) and runs it first, and its uuid folds in
+theirs, so the FX graph cache keys on both (a pass without a uuid turns the cache off, as it does alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+import torch
+from torch._inductor import custom_graph_pass
+
+from . import config, lowerings
+from .lowerings import report
+
+# torch 2.13+ tells inference-aware passes whether the graph is an inference graph; 2.11 has no such passes.
+_INFERENCE_AWARE = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+
+
+class MoEPass(_INFERENCE_AWARE or custom_graph_pass.CustomGraphPass):
+    """The inductor_moe lowerings as a post-grad pass, after ``inner`` (the pass or passes already installed)."""
+
+    def __init__(self, inner: Any = None):
+        super().__init__()
+        self.inner = inner
+        if inner is None:
+            self._inner_passes = ()
+        elif isinstance(inner, (list, tuple)):
+            self._inner_passes = tuple(inner)
+        else:
+            self._inner_passes = (inner,)
+
+    def __call__(self, graph: torch.fx.Graph, is_inference: bool | None = None) -> None:
+        for p in self._inner_passes:
+            if _INFERENCE_AWARE is not None and isinstance(p, _INFERENCE_AWARE):
+                p(graph, is_inference=bool(is_inference))
+            else:
+                p(graph)
+        lowerings.apply(graph)
+
+    def uuid(self) -> str | None:
+        inner = []
+        for p in self._inner_passes:
+            u = p.uuid() if isinstance(p, custom_graph_pass.CustomGraphPass) else None
+            if u is None:
+                return None  # an inner pass that cannot be keyed: no caching, as Inductor does for it alone
+            inner.append(u)
+        h = hashlib.sha256()
+        h.update(_source_hash())
+        h.update(f"{_version()};{config.rewrite_settings()};{inner!r}".encode())
+        return h.hexdigest()
+
+
+def _source_hash() -> bytes:
+    from . import ops, reference
+
+    files = (*lowerings.SOURCES, __file__, ops.__file__, reference.__file__)
+    return custom_graph_pass.get_hash_for_files(tuple(files))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _with_our_pass(current: Any) -> MoEPass:
+    return current if isinstance(current, MoEPass) else MoEPass(current)
+
+
+def inductor_moe_backend(
+    gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None
+):
+    """The ``inductor_moe`` backend: compile_fx with our pass added to the post-grad passes (forward and
+    backward compiles both see it through ``config_patches``)."""
+    from torch import _TorchCompileInductorWrapper
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    options = dict(options or {})
+    user_pass = options.pop("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+    patches = dict(_TorchCompileInductorWrapper(mode, options, dynamic=None).config)
+    patches["post_grad_custom_post_pass"] = _with_our_pass(user_pass)
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+_saved: list[Any] = []
+
+
+def enable() -> None:
+    """Add the lowerings to the stock ``inductor`` backend (torch.compile's default), until :func:`disable`."""
+    from torch._inductor import config as inductor_config
+
+    if isinstance(inductor_config.post_grad_custom_post_pass, MoEPass):
+        return
+    _saved.append(inductor_config.post_grad_custom_post_pass)
+    inductor_config.post_grad_custom_post_pass = MoEPass(_saved[-1])
+
+
+def disable() -> None:
+    """Undo :func:`enable`: the pass that was installed before it is back."""
+    from torch._inductor import config as inductor_config
+
+    current = inductor_config.post_grad_custom_post_pass
+    if isinstance(current, MoEPass):
+        inductor_config.post_grad_custom_post_pass = current.inner
+        _saved.clear()
+
+
+def explain(fn: Callable, *args, **kwargs) -> report.Report:
+    """Compile ``fn`` with the inductor_moe backend, call it once on ``args``, and return what the lowerings
+    rewrote and which candidates they rejected, with reasons (``print`` it).
+
+    Like ``torch._dynamo.explain`` it resets torch.compile's caches first, and it turns off the FX graph and
+    AOTAutograd caches for its compile, so the pass runs and reports even for a graph compiled before.
+    """
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    with (
+        report.collect() as collected,
+        inductor_config.patch(fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False),
+    ):
+        torch.compile(fn, backend=inductor_moe_backend)(*args, **kwargs)
+    return collected

@@ -1,0 +1,60 @@
+"""The canonical form both the patterns and the graphs they search are put in before matching.
+
+Each step rewrites a spelling into an equal one, so a pattern traced from one spelling also matches the others:
+
+- ``view`` becomes ``reshape`` (Inductor's post-grad passes already did that to the graph; patterns are traced
+  with views);
+- a ``permute`` by the identity disappears (einsum leaves them);
+- a two-way ``split`` / ``split_with_sizes`` (``chunk(2)``, ``split(d)``, ``split([d, d])``) followed by
+  ``getitem`` becomes two ``slice`` nodes, the spelling of ``x[..., :d]`` / ``x[..., d:]`` and ``narrow``.
+
+Nothing here changes what the graph computes.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+aten = torch.ops.aten
+
+_OPEN_END = 2**63 - 1  # what an open slice end (x[..., d:]) is in a traced graph
+
+
+def canonicalize(graph: torch.fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is aten.view.default:
+            node.target = aten.reshape.default
+        elif node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            _split_to_slices(graph, node)
+
+
+def _split_to_slices(graph: torch.fx.Graph, split: torch.fx.Node) -> None:
+    x, sizes = split.args[0], split.args[1]
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if isinstance(sizes, (list, tuple)):
+        if len(sizes) != 2:
+            return
+        first = sizes[0]
+    else:
+        first = sizes
+        val = split.meta.get("val")
+        if val is None or len(val) != 2:  # chunk(2) of an odd or symbolic size may still be two pieces
+            return
+    getitems = list(split.users)
+    if not all(u.target is operator.getitem and u.op == "call_function" for u in getitems):
+        return
+    for item in getitems:
+        start, end = (0, first) if item.args[1] == 0 else (first, _OPEN_END)
+        with graph.inserting_before(item):
+            piece = graph.call_function(aten.slice.Tensor, (x, dim, start, end))
+        piece.meta.update(item.meta)
+        item.replace_all_uses_with(piece)
+        graph.erase_node(item)
+    graph.erase_node(split)

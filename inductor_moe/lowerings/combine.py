@@ -1,0 +1,112 @@
+"""Lowering of the weighted top-k combine ``out[t] = sum_k w[t, k] * expert_out[t * K + k]`` into
+``inductor_moe::moe_combine``.
+
+Spellings, traced per dtype: ``(expert_out.view(T, K, H) * w[..., None]).sum(1)`` (either order, with or without
+a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes it), ``torch.bmm(w[:, None],
+expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum("tkh,tk->th", expert_out.view(T, K, H), w)``. The
+check proves from the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights
+broadcast over hidden, and that the sum runs over k.
+
+Rounding: the op multiplies and accumulates in fp32 and rounds once to expert_out's dtype; eager bf16/fp16
+rounds every product first, and bmm accumulates in its own order. A result that stays fp32 (fp32 weights,
+half-precision expert_out, no cast back) is not rewritten: the op returns expert_out's dtype.
+A mask on the weights (``w * live`` or ``where(dead, 0, w)``) stays what it is, the op's weights: the masked
+pairs are still read, as the spelling reads them (0 * NaN is NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass
+
+from . import matching
+
+aten = torch.ops.aten
+OP = torch.ops.inductor_moe.moe_combine.default
+FAMILY = "combine"
+
+
+def _rows(expert_out, topk_weights):
+    return expert_out.view(topk_weights.shape[0], topk_weights.shape[1], -1)
+
+
+SPELLINGS = {
+    "(view * w[..., None]).sum(1)": lambda expert_out, topk_weights: (
+        _rows(expert_out, topk_weights) * topk_weights.unsqueeze(-1)
+    ).sum(1),
+    "(w[..., None] * view).sum(1)": lambda expert_out, topk_weights: (
+        topk_weights.unsqueeze(-1) * _rows(expert_out, topk_weights)
+    ).sum(1),
+    "(view * w[..., None]).sum(1).to(dtype)": lambda expert_out, topk_weights: (
+        (_rows(expert_out, topk_weights) * topk_weights.unsqueeze(-1)).sum(1).to(expert_out.dtype)
+    ),
+    "(w[..., None] * view).sum(1).to(dtype)": lambda expert_out, topk_weights: (
+        (topk_weights.unsqueeze(-1) * _rows(expert_out, topk_weights)).sum(1).to(expert_out.dtype)
+    ),
+    "(view.float() * w.float()[..., None]).sum(1).to(dtype)": lambda expert_out, topk_weights: (
+        (_rows(expert_out, topk_weights).float() * topk_weights.float().unsqueeze(-1)).sum(1).to(expert_out.dtype)
+    ),
+    "bmm(w[:, None], view).squeeze(1)": lambda expert_out, topk_weights: torch.bmm(
+        topk_weights.unsqueeze(1), _rows(expert_out, topk_weights)
+    ).squeeze(1),
+    "einsum('tkh,tk->th')": lambda expert_out, topk_weights: torch.einsum(
+        "tkh,tk->th", _rows(expert_out, topk_weights), topk_weights
+    ),
+}
+
+# (expert_out, weights) dtypes the spellings are traced with; mixed pairs differ only by the casts they add
+_DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]
+_DTYPES += [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)]
+_DTYPES += [(torch.float32, torch.float16)]
+
+
+def register(arithmetic: PatternMatcherPass) -> None:
+    seen = set()
+    for eo_dtype, w_dtype in _DTYPES:
+        example = [torch.zeros(8, 4, dtype=eo_dtype), torch.zeros(2, 4, dtype=w_dtype)]
+        for spelling, fn in SPELLINGS.items():
+            if spelling.startswith(("bmm", "einsum")) and eo_dtype != w_dtype:
+                continue  # bmm needs one dtype
+            pattern = matching.trace(fn, example)
+            if repr(pattern) in seen:
+                continue
+            seen.add(repr(pattern))
+            matching.register(arithmetic, FAMILY, spelling, pattern, _check, _replace)
+
+
+def _check(match: Match) -> str | None:
+    eo_node, w_node = match.kwargs["expert_out"], match.kwargs["topk_weights"]
+    eo, w, out = matching.val(eo_node), matching.val(w_node), matching.val(match.output_node())
+    known = matching.known
+    if eo.dim() != 2 or w.dim() != 2:
+        return f"expert_out {list(eo.shape)} and weights {list(w.shape)} are not 2-D [rows, hidden] and [tokens, k]"
+    tokens, k, hidden = w.shape[0], w.shape[1], eo.shape[1]
+    for node in match.nodes:
+        v = matching.val(node)
+        if node.target is aten.reshape.default and node.args[0] is eo_node:
+            if not (v.dim() == 3 and known(v.shape[0] == tokens) and known(v.shape[1] == k)):
+                return f"expert_out is viewed as {list(v.shape)}, not [tokens, k, hidden] = [{tokens}, {k}, {hidden}]"
+        elif node.target is aten.unsqueeze.default and node.args[0] is w_node:
+            bmm = any(u.target is aten.bmm.default and u.args[0] is node for u in node.users)
+            want = [tokens, 1, k] if bmm else [tokens, k, 1]
+            if not (v.dim() == 3 and all(known(a == b) for a, b in zip(v.shape, want))):
+                return f"the weights are broadcast as {list(v.shape)}, not {want}"
+        elif node.target is aten.sum.dim_IntList:
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            if list(node.args[1]) not in ([1], [-2]) or keepdim:
+                return f"the sum runs over dims {node.args[1]} (keepdim={keepdim}), not over k"
+        elif node.target is aten.squeeze.dim and node.args[1] not in (1, -2):
+            return f"squeezes dim {node.args[1]}, not the bmm's dim 1"
+    if not (out.dim() == 2 and known(out.shape[0] == tokens) and known(out.shape[1] == hidden)):
+        return f"the result has shape {list(out.shape)}, not [tokens, hidden]"
+    if out.dtype != eo.dtype:
+        return f"the result stays {out.dtype}; moe_combine returns expert_out's dtype {eo.dtype}"
+    if eo.device != w.device:
+        return f"expert_out on {eo.device}, weights on {w.device}"
+    if not (known(hidden <= 1) or known(eo.stride(1) == 1)):
+        return f"expert_out's last dim is not contiguous (strides {list(eo.stride())})"
+    return None
+
+
+def _replace(match: Match):
+    return OP, [match.kwargs["expert_out"], match.kwargs["topk_weights"]]

@@ -1,0 +1,144 @@
+"""What every lowering family shares: spellings traced into patterns, registration with the exactness check
+and the record of what was rewritten or rejected, and proofs about (possibly symbolic) sizes.
+
+A *spelling* is a plain PyTorch function, e.g. ``F.silu(x[..., :d]) * x[..., d:]``. It is traced the way
+Inductor traces its own patterns (``fwd_only``: ATen after Inductor's decompositions), put in the canonical form
+of canonicalize.py, and turned into a pattern in which arithmetic (ops, float and integer constants, dtypes) must
+match exactly, while arguments that depend on sizes (slice bounds, view shapes, dims that depend on the rank)
+match anything. The family's ``check`` then proves from the matched nodes' shapes that those arguments mean what
+the op computes; a check that fails names its reason, and the reason is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from torch._inductor.pattern_matcher import (
+    CallFunction,
+    Ignored,
+    KeywordArg,
+    Match,
+    PatternExpr,
+    PatternMatcherPass,
+    fwd_only,
+    register_graph_pattern,
+)
+
+from .. import config
+from . import canonicalize, report
+
+aten = torch.ops.aten
+log = logging.getLogger("inductor_moe")
+
+# Arguments (by position) that depend on sizes or rank and are proven by the family's check instead.
+_SIZE_ARGS = {
+    aten.slice.Tensor: (1, 2, 3, 4),
+    aten.reshape.default: (1,),
+    aten.unsqueeze.default: (1,),
+    aten.squeeze.dim: (1,),
+    aten.sum.dim_IntList: (1,),
+    aten.expand.default: (1,),
+}
+
+
+def trace(spelling: Callable[..., torch.Tensor], example_args: list[torch.Tensor]) -> PatternExpr:
+    """The pattern of ``spelling`` traced with ``example_args`` (their dtypes become part of the pattern)."""
+    gm = fwd_only(spelling, example_args)
+    canonicalize.canonicalize(gm.graph)
+    gm.graph.eliminate_dead_code()
+    names = iter(_argnames(spelling))
+    env: dict[torch.fx.Node, Any] = {}
+
+    def convert(arg):
+        if isinstance(arg, torch.fx.Node):
+            return env[arg]
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(convert(a) for a in arg)
+        return arg
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = KeywordArg(next(names))
+        elif node.op == "call_function":
+            free = _SIZE_ARGS.get(node.target, ())
+            args = [Ignored() if i in free else convert(a) for i, a in enumerate(node.args)]
+            kwargs = {k: convert(v) for k, v in node.kwargs.items()}
+            env[node] = CallFunction(node.target, *args, _users=len(node.users), **kwargs)
+        elif node.op == "output":
+            (result,) = node.args[0] if isinstance(node.args[0], (list, tuple)) else (node.args[0],)
+            return env[result]
+        else:
+            raise AssertionError(f"unexpected node {node.format_node()} in a traced spelling")
+    raise AssertionError("a traced spelling has no output")
+
+
+def _argnames(fn: Callable) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(fn).parameters)
+
+
+def register(
+    patterns: PatternMatcherPass,
+    family: str,
+    spelling: str,
+    pattern: PatternExpr,
+    check: Callable[[Match], str | None],
+    replacement: Callable[[Match], tuple[Callable[..., Any], list[Any]]] | None,
+) -> None:
+    """Rewrite every match of ``pattern`` for which ``check`` returns None (the proof that the rewrite is exact)
+    into what ``replacement(match)`` returns: a function of tensors and the matched nodes to call it with.
+    A check that returns a reason rejects the match and records the reason ("" rejects it silently). Without a
+    replacement the pattern only diagnoses a near miss: its check always rejects."""
+
+    def extra_check(match: Match) -> bool:
+        if family not in config.families():
+            return False
+        out = match.output_node()
+        device = _val(out).device.type if isinstance(_val(out), torch.Tensor) else None
+        if device not in config.devices():
+            report.rejected(family, spelling, out, f"{device} graphs are not rewritten (INDUCTOR_MOE_DEVICES)")
+            return False
+        reason = check(match)
+        if reason is not None:
+            if reason:
+                report.rejected(family, spelling, out, reason)
+            return False
+        return replacement is not None
+
+    def handler(match: Match, *args, **kwargs) -> None:
+        out = match.output_node()
+        fn, fn_args = replacement(match)
+        name, shape = out.name, _shape_str(out)
+        match.replace_by_example(fn, fn_args)
+        report.rewritten(family, spelling, name, shape)
+
+    register_graph_pattern(pattern, extra_check=extra_check, pass_dict=patterns)(handler)
+
+
+def _shape_str(node: torch.fx.Node) -> str:
+    val = _val(node)
+    return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}" if isinstance(val, torch.Tensor) else "?"
+
+
+def _val(node):
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+
+
+def val(node) -> Any:
+    """The value a node stands for at compile time: a FakeTensor, a SymInt or a constant."""
+    return _val(node)
+
+
+def known(cond) -> bool:
+    """True only if ``cond`` (an expression of possibly symbolic sizes) holds for every size the graph serves;
+    never adds a guard, so a proof never specialises the compiled graph."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(cond)
+
+
+def is_last_dim(dim, rank: int) -> bool:
+    return isinstance(dim, int) and dim in (-1, rank - 1)

@@ -1,0 +1,65 @@
+"""Lowering of the top-k id/weight packing ``(ids.to(int32) << 16) | (w.to(bfloat16).view(int16).to(int32) &
+0xFFFF)`` into ``inductor_moe::pack_topk_ids_weights``.
+
+The pattern is the reference itself (``reference.pack_topk_ids_weights_ref``), traced per ids dtype (int32,
+int64) and weights dtype (fp32, fp16, bf16), with the ``|`` either way round; the op is bit-exact with it.
+Without the ``& 0xFFFF`` a negative weight's sign extension overwrites the id bits: that spelling computes
+something else, so it is only recorded as a near miss, never rewritten.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass
+
+from .. import ops, reference
+from . import matching
+
+OP = torch.ops.inductor_moe.pack_topk_ids_weights.default
+FAMILY = "topk_pack"
+
+
+def _weight_bits(topk_weights):
+    return topk_weights.to(torch.bfloat16).view(torch.int16).to(torch.int32)
+
+
+def _weights_first(topk_ids, topk_weights):
+    return (_weight_bits(topk_weights) & 0xFFFF) | (topk_ids.to(torch.int32) << 16)
+
+
+def _no_mask(topk_ids, topk_weights):
+    return (topk_ids.to(torch.int32) << 16) | _weight_bits(topk_weights)
+
+
+def register(arithmetic: PatternMatcherPass) -> None:
+    for ids_dtype in (torch.int32, torch.int64):
+        for w_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            example = [torch.zeros(2, 4, dtype=ids_dtype), torch.zeros(2, 4, dtype=w_dtype)]
+            for spelling, fn, check, replacement in (
+                ("(ids << 16) | (bits(w) & 0xFFFF)", reference.pack_topk_ids_weights_ref, _check, _replace),
+                ("(bits(w) & 0xFFFF) | (ids << 16)", _weights_first, _check, _replace),
+                ("(ids << 16) | bits(w)", _no_mask, _near_miss, None),
+            ):
+                matching.register(arithmetic, FAMILY, spelling, matching.trace(fn, example), check, replacement)
+
+
+def _check(match: Match) -> str | None:
+    ids, w = matching.val(match.kwargs["topk_ids"]), matching.val(match.kwargs["topk_weights"])
+    if ids.dim() == 0 or list(ids.shape) != list(w.shape):
+        return f"ids {list(ids.shape)} and weights {list(w.shape)} do not have one shape (broadcasting)"
+    if ids.device != w.device:
+        return f"ids on {ids.device}, weights on {w.device}"
+    for name, t in (("ids", ids), ("weights", w)):
+        if ops._flat_row_stride(t, holds=matching.known) is None:
+            return f"the {name}' leading dims do not flatten to one row stride (strides {list(t.stride())})"
+    if not matching.known(ids.numel() <= 2**31 - 1):
+        return "more than 2**31-1 pairs, or a count not provably below it"
+    return None
+
+
+def _replace(match: Match):
+    return OP, [match.kwargs["topk_ids"], match.kwargs["topk_weights"]]
+
+
+def _near_miss(match: Match) -> str:
+    return "no '& 0xFFFF': a negative weight's sign extension overwrites the id bits, which the op does not"
