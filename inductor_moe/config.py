@@ -1,9 +1,9 @@
 """Every inductor_moe setting, in one place.
 
 Environment variables are read when a setting is used, never at import, so a test or a launcher can change
-them at any time; :func:`override` sets them for a block of Python code instead (all but INDUCTOR_MOE_PDL). The C++ host glue
-(kernels/csrc/launcher.cpp) reads INDUCTOR_MOE_PDL itself, per launch, with the same meaning as
-:func:`pdl_enabled`.
+them at any time; :func:`override` sets them for a block of Python code instead (all but INDUCTOR_MOE_PDL,
+which the C++ host glue, kernels/csrc/launcher.cpp, reads itself per launch, with the meaning of
+:func:`pdl_enabled`).
 
 | variable                  | default                    | meaning                                                |
 |---------------------------|----------------------------|--------------------------------------------------------|
