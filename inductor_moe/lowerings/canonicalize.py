@@ -4,7 +4,8 @@ Each step rewrites a spelling into an equal one, so a pattern traced from one sp
 
 - ``view`` becomes ``reshape`` (Inductor's post-grad passes already did that to the graph; patterns are traced
   with views);
-- a ``permute`` by the identity disappears (einsum leaves them);
+- consecutive ``permute`` nodes fold into one, and a ``permute`` by the identity disappears (einsum leaves
+  both);
 - a two-way ``split`` / ``split_with_sizes`` (``chunk(2)``, ``split(d)``, ``split([d, d])``) followed by
   ``getitem`` becomes two ``slice`` nodes, the spelling of ``x[..., :d]`` / ``x[..., d:]`` and ``narrow``.
 
@@ -28,11 +29,22 @@ def canonicalize(graph: torch.fx.Graph) -> None:
             continue
         if node.target is aten.view.default:
             node.target = aten.reshape.default
-        elif node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1]))):
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
+        elif node.target is aten.permute.default:
+            _simplify_permute(graph, node)
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             _split_to_slices(graph, node)
+    graph.eliminate_dead_code()  # a folded permute may leave its input with a dead second user
+
+
+def _simplify_permute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    source, dims = node.args[0], list(node.args[1])
+    if isinstance(source, torch.fx.Node) and source.target is aten.permute.default:
+        inner = list(source.args[1])
+        source, dims = source.args[0], [inner[d] for d in dims]  # permute(permute(x, p), q) = permute(x, p[q])
+        node.args = (source, dims)
+    if dims == list(range(len(dims))):
+        node.replace_all_uses_with(source)
+        graph.erase_node(node)
 
 
 def _split_to_slices(graph: torch.fx.Graph, split: torch.fx.Node) -> None:

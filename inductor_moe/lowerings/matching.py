@@ -47,7 +47,6 @@ def trace(spelling: Callable[..., torch.Tensor], example_args: list[torch.Tensor
     """The pattern of ``spelling`` traced with ``example_args`` (their dtypes become part of the pattern)."""
     gm = fwd_only(spelling, example_args)
     canonicalize.canonicalize(gm.graph)
-    gm.graph.eliminate_dead_code()
     names = iter(_argnames(spelling))
     env: dict[torch.fx.Node, Any] = {}
 
