@@ -32,7 +32,7 @@ def _no_mask(topk_ids, topk_weights):
 
 
 def register(arithmetic: PatternMatcherPass) -> None:
-    for ids_dtype in (torch.int32, torch.int64):
+    for ids_dtype in (torch.int64, torch.int32):  # int64 first: the op then reads the ids without a cast kernel
         for w_dtype in (torch.float32, torch.float16, torch.bfloat16):
             example = [torch.zeros(2, 4, dtype=ids_dtype), torch.zeros(2, 4, dtype=w_dtype)]
             for spelling, fn, check, replacement in (
