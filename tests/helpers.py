@@ -84,16 +84,17 @@ def assert_compiles_once(fn, make_args, batches, check, unbacked=False):
     assert counter.frame_count == 1
 
 
-def compile_rewrite(fn, *args, dynamic=None, fullgraph=True):
-    """Compile ``fn`` with the inductor_moe backend, CPU graphs rewritten too, run it on ``args``; returns the
-    result and the lowerings' report (rewrites, rejections, the graph after the pass). Caches off and
-    dynamo reset, so the pass runs every time."""
+def compile_rewrite(fn, *args, **compile_kwargs):
+    """Compile ``fn`` (by default with the inductor_moe backend, fullgraph), CPU graphs rewritten too, and run it
+    on ``args``; returns the result and the lowerings' report (rewrites, rejections, the graph after the pass).
+    Caches off and dynamo reset, so the pass runs every time."""
     import torch._functorch.config as functorch_config
     from torch._inductor import config as inductor_config
 
     from inductor_moe import config
     from inductor_moe.lowerings import report
 
+    compile_kwargs = {"backend": "inductor_moe", "fullgraph": True, **compile_kwargs}
     torch._dynamo.reset()
     with (
         config.override(devices="cpu,cuda"),
@@ -101,7 +102,7 @@ def compile_rewrite(fn, *args, dynamic=None, fullgraph=True):
         inductor_config.patch(fx_graph_cache=False),
         functorch_config.patch(enable_autograd_cache=False),
     ):
-        out = torch.compile(fn, backend="inductor_moe", fullgraph=fullgraph, dynamic=dynamic)(*args)
+        out = torch.compile(fn, **compile_kwargs)(*args)
     return out, collected
 
 

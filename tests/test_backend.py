@@ -17,9 +17,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import inductor_moe as im
 from inductor_moe import backend, config
-from inductor_moe.lowerings import report
 
-from helpers import randn
+from helpers import compile_rewrite, randn
 
 
 def gated(x):
@@ -62,35 +61,24 @@ class CountingPass(CustomGraphPass):
         return self.key
 
 
-def compile_and_run(fn, *args, **compile_kwargs):
-    torch._dynamo.reset()
-    with (
-        config.override(devices="cpu"),
-        report.collect() as collected,
-        inductor_config.patch(fx_graph_cache=False),
-    ):
-        out = torch.compile(fn, **compile_kwargs)(*args)
-    return out, collected
-
-
 def test_mode_and_options_as_the_stock_backend():
     x = randn(4, 16)
-    out, rep = compile_and_run(gated, x, backend="inductor_moe", mode="max-autotune-no-cudagraphs")
+    out, rep = compile_rewrite(gated, x, backend="inductor_moe", mode="max-autotune-no-cudagraphs")
     assert [r.family for r in rep.rewrites] == ["gated_act"]
-    out, rep = compile_and_run(gated, x, backend="inductor_moe", options={"epilogue_fusion": False})
+    out, rep = compile_rewrite(gated, x, backend="inductor_moe", options={"epilogue_fusion": False})
     assert [r.family for r in rep.rewrites] == ["gated_act"]
     with pytest.raises(Exception, match="Unexpected optimization option"):
-        compile_and_run(gated, x, backend="inductor_moe", options={"no_such_option": 1})
+        compile_rewrite(gated, x, backend="inductor_moe", options={"no_such_option": 1})
 
 
 def test_user_pass_in_options_and_in_config_both_run():
     x = randn(4, 16)
     mine = CountingPass()
-    out, rep = compile_and_run(gated, x, backend="inductor_moe", options={"post_grad_custom_post_pass": mine})
+    out, rep = compile_rewrite(gated, x, backend="inductor_moe", options={"post_grad_custom_post_pass": mine})
     assert mine.calls == 1 and [r.family for r in rep.rewrites] == ["gated_act"]
     mine = CountingPass()
     with inductor_config.patch(post_grad_custom_post_pass=mine):
-        out, rep = compile_and_run(gated, x, backend="inductor_moe")
+        out, rep = compile_rewrite(gated, x, backend="inductor_moe")
         assert inductor_config.post_grad_custom_post_pass is mine  # the user's setting is left as it was
     assert mine.calls == 1 and [r.family for r in rep.rewrites] == ["gated_act"]
 
@@ -99,7 +87,7 @@ def test_user_pass_in_options_and_in_config_both_run():
 def test_user_pass_list():
     a, b = CountingPass("a"), CountingPass("b")
     with inductor_config.patch(post_grad_custom_post_pass=[a, b]):
-        _, rep = compile_and_run(gated, randn(4, 16), backend="inductor_moe")
+        _, rep = compile_rewrite(gated, randn(4, 16), backend="inductor_moe")
     assert (a.calls, b.calls) == (1, 1) and [r.family for r in rep.rewrites] == ["gated_act"]
     assert backend.MoEPass([a, b]).uuid() != backend.MoEPass([a, CountingPass("c")]).uuid()
 
@@ -112,12 +100,12 @@ def test_enable_and_disable_on_the_stock_backend():
         try:
             im.enable()  # idempotent: wrapped once
             assert inductor_config.post_grad_custom_post_pass.inner is mine
-            _, rep = compile_and_run(gated, x, backend="inductor")
+            _, rep = compile_rewrite(gated, x, backend="inductor")
             assert [r.family for r in rep.rewrites] == ["gated_act"] and mine.calls == 1
         finally:
             im.disable()
         assert inductor_config.post_grad_custom_post_pass is mine
-        _, rep = compile_and_run(gated, x, backend="inductor")
+        _, rep = compile_rewrite(gated, x, backend="inductor")
         assert rep.rewrites == [] and mine.calls == 2
 
 
