@@ -10,6 +10,7 @@ them, into the ops (:mod:`inductor_moe.backend`); :func:`enable` / :func:`disabl
 first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s).
 """
 
+from . import moe  # the MoE runner: inductor_moe.moe.moe / route / experts
 from .ops import (
     act_and_mul,
     gelu_and_mul,
@@ -43,6 +44,7 @@ __all__ = [
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "load_cuda_kernels",
+    "moe",
     "moe_combine",
     "pack_topk_ids_weights",
     "silu_and_mul",

@@ -110,3 +110,32 @@ def moe_combine_ref(
     gathered = expert_out[torch.where(live, rows, 0).reshape(-1)].view(t, k, expert_out.shape[1]).to(acc)
     terms = torch.where(live.unsqueeze(-1), gathered * topk_weights.to(acc).unsqueeze(-1), 0.0)
     return terms.sum(dim=1).to(expert_out.dtype)
+
+
+def moe_ref(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    activation: str = "silu",
+    expert_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """A MoE layer's experts, in fp32, expert by expert: softmax routing, top-k, optional renormalisation, then
+    for every routed pair whose expert is one of this rank's (``expert_range``, default all of w13's experts)
+    ``w * (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T`` summed per token, in hidden's dtype."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    lo = 0 if expert_range is None else expert_range[0]
+    out = torch.zeros(hidden.shape[0], w2.shape[1], dtype=torch.float32, device=hidden.device)
+    inter = w13.shape[1] // 2
+    for e in range(w13.shape[0]):
+        tokens, slots = torch.nonzero(ids == lo + e, as_tuple=True)
+        x = hidden[tokens].float()
+        h = x @ w13[e].float().T
+        y = (activation_ref(h[:, :inter], activation) * h[:, inter:]) @ w2[e].float().T
+        out.index_add_(0, tokens, weights[tokens, slots, None] * y)
+    return out.to(hidden.dtype)

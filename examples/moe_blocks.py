@@ -1,0 +1,63 @@
+"""Two MoE blocks written the way model libraries write them in plain PyTorch, without our ops.
+
+- :class:`LoopMoE` (Mixtral/Qwen-MoE style in HF transformers): route, then a Python loop over the experts, each
+  with a fused gate/up projection split by ``chunk``, and an ``index_add_`` combine.
+- :class:`GroupedMoE` (vLLM/torchtitan style): rows sorted by expert, two grouped GEMMs, expert parallelism
+  (this rank owns experts [lo, hi); other experts' rows carry a sentinel and are masked before the
+  activation), and a view * weights, sum over k combine.
+
+Both take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _route(logits: torch.Tensor, top_k: int):
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids
+
+
+class LoopMoE(nn.Module):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int):
+        super().__init__()
+        self.w13, self.w2, self.top_k = nn.Parameter(w13), nn.Parameter(w2), top_k
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = _route(logits, self.top_k)
+        out = torch.zeros_like(x)
+        for e in range(self.w13.shape[0]):
+            tokens, slots = torch.where(ids == e)
+            gate, up = (x[tokens] @ self.w13[e].T).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.w2[e].T
+            out.index_add_(0, tokens, y * weights[tokens, slots, None].to(x.dtype))
+        return out
+
+
+class GroupedMoE(nn.Module):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int, expert_range: tuple[int, int]):
+        super().__init__()
+        self.w13, self.w2, self.top_k = nn.Parameter(w13), nn.Parameter(w2), top_k
+        self.lo = expert_range[0]
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = _route(logits, self.top_k)
+        tokens, k = ids.shape
+        num_local = self.w13.shape[0]
+        local = ids - self.lo
+        sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
+        order = torch.argsort(sentinel, stable=True)
+        counts = torch.zeros(num_local + 1, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, sentinel, torch.ones_like(sentinel, dtype=torch.int32))
+        offs = counts[:num_local].cumsum(0, dtype=torch.int32)
+        h = F.grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=offs)
+        remote = sentinel[order] == num_local  # rows past offs[-1]: not computed by the grouped GEMM
+        h = h.masked_fill(remote[:, None], 0)
+        gate, up = h.chunk(2, dim=-1)
+        y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
+        y = torch.where(remote[:, None], 0, y)[torch.argsort(order)]  # back to token-major pairs
+        return (y.view(tokens, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)

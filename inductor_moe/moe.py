@@ -1,0 +1,80 @@
+"""The MoE experts runner: one kernel sequence from router logits to the combined output.
+
+:func:`moe` = :func:`route` (softmax, top-k, optional renormalisation) + :func:`experts` (grouping rows by
+expert, the two grouped GEMMs, the filtered gated activation, the weighted combine). It is the only copy of
+that sequence: the eager entry point is it, and a compiled model that calls it gets the same ops (they are
+custom ops with fake functions, and nothing here syncs with the host, so it traces whole).
+
+Expert weights use nn.Linear's layout, as model libraries store them: ``w13`` [E, 2I, H] (gate rows, then up
+rows) and ``w2`` [E, H, I]. With ``expert_range=(lo, hi)`` this rank holds experts lo..hi-1 (expert
+parallelism): w13/w2 have hi - lo experts and every other routed pair is dead — never computed, never read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the experts (fp32), the top ``top_k``: (weights fp32 [T, K], expert ids int64 [T, K])."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
+    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K] each
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows offs[e-1]..offs[e]-1 of ``a`` [M, K] times ``b[e]`` [K, N], for every expert e: [M, N]. Rows past
+    offs[-1] (the dead ones) are not computed. torch's grouped GEMM (CUTLASS on sm90+ bf16, its own fallback
+    elsewhere)."""
+    return F.grouped_mm(a, b, offs=offs) if hasattr(F, "grouped_mm") else torch._grouped_mm(a, b, offs=offs)
+
+
+def experts(
+    hidden: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: str = "silu",
+    expert_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])`` over this rank's experts, where
+    ``expert_e(x) = (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T``. [T, H] in hidden's dtype."""
+    tokens, k = topk_ids.shape
+    num_local = w13.shape[0]
+    lo = 0 if expert_range is None else expert_range[0]
+    local = topk_ids - lo  # [T, K] ids of this rank's experts; the others fall outside [0, E_local)
+    key = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)  # [T*K], dead pairs = E
+    order = torch.argsort(key, stable=True)  # [T*K]: sorted row -> pair (t * K + k)
+    ones = torch.ones_like(key, dtype=torch.int32)
+    counts = torch.zeros(num_local + 1, dtype=torch.int32, device=key.device).scatter_add_(0, key, ones)
+    offs = counts[:num_local].cumsum(0, dtype=torch.int32)  # [E]: end row of each local expert's group
+    row_expert = key[order]  # [T*K] expert of each sorted row; E for the dead rows after offs[-1]
+    x = hidden[order // k]  # [T*K, H] rows grouped by expert
+    h = _grouped_mm(x, w13.transpose(1, 2), offs)  # [T*K, 2I]
+    a = ops.act_and_mul(activation, h, expert_ids=row_expert, expert_range=(0, num_local))  # [T*K, I]
+    y = _grouped_mm(a, w2.transpose(1, 2), offs)  # [T*K, H]
+    src_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return ops.moe_combine(  # [T, H]: dead pairs (and their unwritten rows) are never read
+        y, topk_weights, topk_ids=key.view(tokens, k), expert_range=(0, num_local), src_rows=src_rows.view(tokens, k)
+    )
+
+
+def moe(
+    hidden: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    activation: str = "silu",
+    expert_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """A MoE layer's experts from router logits [T, E] and hidden states [T, H]: [T, H]."""
+    weights, ids = route(router_logits, top_k, renormalize)
+    return experts(hidden, weights, ids, w13, w2, activation, expert_range)
