@@ -42,6 +42,23 @@ def graph_us(fns: list[Callable[[], object]], calls: int = 32, repeats: int = 15
     return statistics.median(times)
 
 
+def events_us(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
+    """Median µs per call of ``calls`` back-to-back calls timed with CUDA events, host launch cost included:
+    for what a CUDA graph cannot capture (host syncs, data-dependent shapes) or need not (long calls)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    return statistics.median(times)
+
+
 def buffer_sets(bytes_per_call: int, max_sets: int = 8) -> int:
     """How many distinct input sets keep the working set at twice the L2 cache (at most ``max_sets``)."""
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size

@@ -1,0 +1,147 @@
+"""End to end: a MoE block in eager PyTorch, compiled with inductor and with inductor_moe, and our runner.
+
+    python benchmarks/bench_moe_block.py [--shapes qwen3,mixtral] [--tokens 1,16,256,4096]
+
+Blocks from examples/moe_blocks.py: the eager expert loop (LoopMoE, HF style) and the grouped-GEMM block
+(GroupedMoE: sorted rows, two grouped GEMMs, expert-parallel sentinel mask, view * weights combine), which is
+what gets compiled. "runner" is inductor_moe.moe.moe called directly. Shapes: Qwen3-30B-A3B-like (hidden 2048,
+128 experts, top-8, intermediate 768) and Mixtral-like (hidden 4096, 8 experts, top-2, intermediate 14336),
+without and with an expert-parallel local range of 1/8 of the experts. µs per call: inside a CUDA graph for
+T <= 256 (benchmarks/timing.py), CUDA events over back-to-back calls above that and for the eager loop (its
+torch.where syncs with the host).
+
+Also: the share of the block's time under inductor spent in the computations we rewrite (the masked gated
+activation and the combine, each compiled alone with inductor), and our activation's time with 7/8 of the rows
+dead (the 1/8 local range) over its time with none dead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from moe_blocks import GroupedMoE, LoopMoE  # noqa: E402
+
+import inductor_moe as im  # noqa: E402
+
+import timing  # noqa: E402
+
+SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidden, intermediate, experts, top-k
+
+
+def us(fn, tokens: int) -> float:
+    if tokens > 256:
+        return timing.events_us(fn)
+    try:
+        return timing.graph_us([fn], calls=8, repeats=10)
+    except RuntimeError as e:  # not capturable (a host sync): say so, time it without a graph
+        print(f"(no CUDA graph: {str(e).splitlines()[0][:100]}; timed with events)")
+        return timing.events_us(fn)
+
+
+def masked_act(h, remote):
+    h = h.masked_fill(remote[:, None], 0)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def combine(y, weights):
+    return (y.view(weights.shape[0], weights.shape[1], -1) * weights[..., None]).sum(dim=1).to(y.dtype)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="qwen3,mixtral")
+    parser.add_argument("--tokens", default="1,16,256,4096")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    timing.header()
+    rows, shares = [], []
+    for shape in args.shapes.split(","):
+        hidden, inter, experts, top_k = SHAPES[shape]
+        w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(torch.bfloat16)
+        w2 = (torch.randn(experts, hidden, inter, device="cuda") / inter**0.5).to(torch.bfloat16)
+        loop = LoopMoE(w13, w2, top_k)
+        for ep in (False, True):
+            lo, hi = (0, experts // 8) if ep else (0, experts)
+            block = GroupedMoE(w13[lo:hi], w2[lo:hi], top_k, (lo, hi))
+            torch._dynamo.reset()
+            compiled = {b: torch.compile(block, backend=b, dynamic=True) for b in ("inductor", "inductor_moe")}
+            parts = [torch.compile(masked_act, dynamic=True), torch.compile(combine, dynamic=True)]
+            for tokens in map(int, args.tokens.split(",")):
+                x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+                logits = torch.randn(tokens, experts, device="cuda")
+                t = {}
+                with torch.no_grad():
+                    t["eager loop"] = timing.events_us(lambda: loop(x, logits), calls=3) if not ep else None
+                    t["eager"] = us(lambda: block(x, logits), tokens)
+                    for name, fn in compiled.items():
+                        t[name] = us(lambda fn=fn: fn(x, logits), tokens)
+                    t["runner"] = us(
+                        lambda: im.moe.moe(x, logits, w13[lo:hi], w2[lo:hi], top_k, expert_range=(lo, hi)), tokens
+                    )
+                    # the rewritten computations alone under inductor, and our filtered activation
+                    pairs = tokens * top_k
+                    h = torch.randn(pairs, 2 * inter, device="cuda", dtype=torch.bfloat16)
+                    remote = torch.rand(pairs, device="cuda") < (7 / 8 if ep else 0.0)
+                    y, w = (
+                        torch.randn(pairs, hidden, device="cuda", dtype=torch.bfloat16),
+                        torch.rand(tokens, top_k, device="cuda"),
+                    )
+                    part_us = us(lambda: parts[0](h, remote), tokens) + us(lambda: parts[1](y, w), tokens)
+                    ids = torch.where(remote, -1, 0)
+                    act_us = us(lambda: im.silu_and_mul(h, expert_ids=ids), tokens)
+                ratio = t["inductor_moe"] / t["inductor"]
+                loop_x = f"{t['eager loop'] / t['runner']:.1f}×" if t["eager loop"] else "-"
+                rows.append(
+                    [shape, "1/8" if ep else "all", tokens]
+                    + [
+                        f"{t[k]:.1f}" if t[k] else "-"
+                        for k in ("eager loop", "eager", "inductor", "inductor_moe", "runner")
+                    ]
+                    + [f"**{ratio:.2f}**", loop_x, f"{100 * part_us / t['inductor']:.0f}%"]
+                )
+                shares.append((shape, ep, tokens, act_us))
+    timing.table(
+        "MoE block, bf16, µs per call (graph for T <= 256, events above)",
+        [
+            "shape",
+            "local experts",
+            "T",
+            "eager loop",
+            "eager grouped",
+            "inductor",
+            "inductor_moe",
+            "runner",
+            "inductor_moe / inductor",
+            "runner vs eager loop",
+            "rewritten share under inductor",
+        ],
+        rows,
+    )
+    act = {(s, ep, t): a for s, ep, t, a in shares}
+    timing.table(
+        "Our gated activation (silu, per-row ids): 7/8 of the rows dead (1/8 local range) over none dead",
+        ["shape", "T", "none dead µs", "7/8 dead µs", "ratio"],
+        [
+            [
+                s,
+                t,
+                f"{act[(s, False, t)]:.2f}",
+                f"{act[(s, True, t)]:.2f}",
+                f"**{act[(s, True, t)] / act[(s, False, t)]:.2f}**",
+            ]
+            for s, ep, t, _ in shares
+            if not ep
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
