@@ -74,7 +74,7 @@ def register(arithmetic: PatternMatcherPass) -> None:
             matching.register(arithmetic, FAMILY, spelling, pattern, _check, _replace)
 
 
-def _check(match: Match) -> str | None:
+def _check(match: Match) -> bool | str:
     eo_node, w_node = match.kwargs["expert_out"], match.kwargs["topk_weights"]
     eo, w, out = matching.val(eo_node), matching.val(w_node), matching.val(match.output_node())
     known = matching.known
@@ -105,8 +105,8 @@ def _check(match: Match) -> str | None:
         return f"expert_out on {eo.device}, weights on {w.device}"
     if not (known(hidden <= 1) or known(eo.stride(1) == 1)):
         return f"expert_out's last dim is not contiguous (strides {list(eo.stride())})"
-    return None
+    return True
 
 
-def _replace(match: Match):
+def _replace(match: Match, proof: bool):
     return OP, [match.kwargs["expert_out"], match.kwargs["topk_weights"]]

@@ -68,15 +68,14 @@ def register(arithmetic: PatternMatcherPass, filters: PatternMatcherPass) -> Non
 
 
 def _replace(activation: str):
-    def replacement(match: Match):
-        x = match.kwargs["gate"].args[0]
+    def replacement(match: Match, x: torch.fx.Node):
         return (lambda x: OP(x, activation)), [x]
 
     return replacement
 
 
-def _check_halves(match: Match) -> str | None:
-    """None if gate and up are x[..., :d] and x[..., d:2d] of one x whose last dim is 2d, in a layout the op
+def _check_halves(match: Match) -> torch.fx.Node | str:
+    """x, if gate and up are x[..., :d] and x[..., d:2d] of one x whose last dim is 2d, in a layout the op
     reads; else why not."""
     gate, up = match.kwargs["gate"], match.kwargs["up"]
     for node in (gate, up):
@@ -100,7 +99,7 @@ def _check_halves(match: Match) -> str | None:
         return f"gate and up are not the first and second half of the last dim ({xv.shape[-1]})"
     if not ops.rows_layout_ok(xv, holds=matching.known):
         return f"the input's layout (strides {list(xv.stride())}) is not rows of a contiguous last dim"
-    return None
+    return x
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,7 +137,7 @@ def _register_filters(filters: PatternMatcherPass) -> None:
             f"filter: {spelling}",
             pattern,
             _check_filter(live_when_true, on_input),
-            _replace_filter(live_when_true, on_input),
+            _replace_filter,
         )
     for order in ((_UNFILTERED, KeywordArg("mask")), (KeywordArg("mask"), _UNFILTERED)):
         matching.register(
@@ -172,20 +171,15 @@ def _filter_of(match: Match, live_when_true: bool, on_input: bool):
 
 
 def _check_filter(live_when_true: bool, on_input: bool):
-    def check(match: Match) -> str | None:
-        found = _filter_of(match, live_when_true, on_input)
-        return found if isinstance(found, str) else None
+    def check(match: Match) -> expert_mask.ExpertFilter | str:
+        return _filter_of(match, live_when_true, on_input)
 
     return check
 
 
-def _replace_filter(live_when_true: bool, on_input: bool):
-    def replacement(match: Match):
-        f = _filter_of(match, live_when_true, on_input)
-        activation = _op_node(match).args[1]
-        return (lambda x, ids: OP(x, activation, ids, f.step, f.lo, f.hi)), [match.kwargs["x"], f.ids]
-
-    return replacement
+def _replace_filter(match: Match, f: expert_mask.ExpertFilter):
+    activation = _op_node(match).args[1]
+    return (lambda x, ids: OP(x, activation, ids, f.step, f.lo, f.hi)), [match.kwargs["x"], f.ids]
 
 
 def _constant(node):

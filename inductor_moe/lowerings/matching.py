@@ -84,13 +84,14 @@ def register(
     family: str,
     spelling: str,
     pattern: PatternExpr,
-    check: Callable[[Match], str | None],
-    replacement: Callable[[Match], tuple[Callable[..., Any], list[Any]]] | None,
+    check: Callable[[Match], Any],
+    replacement: Callable[[Match, Any], tuple[Callable[..., Any], list[Any]]] | None,
 ) -> None:
-    """Rewrite every match of ``pattern`` for which ``check`` returns None (the proof that the rewrite is exact)
-    into what ``replacement(match)`` returns: a function of tensors and the matched nodes to call it with.
-    A check that returns a reason rejects the match and records the reason ("" rejects it silently). Without a
-    replacement the pattern only diagnoses a near miss: its check always rejects."""
+    """Rewrite every match of ``pattern`` that ``check`` proves exact into what ``replacement(match, proof)``
+    returns: a function of tensors and the matched nodes to call it with. ``check`` returns the reason a match
+    is rejected (a str, recorded; "" rejects silently) or its proof (anything else, e.g. the input it found),
+    which the replacement receives. Without a replacement the pattern only diagnoses a near miss."""
+    proofs: dict[int, Any] = {}  # extra_check and the handler see the same Match object, one after the other
 
     def extra_check(match: Match) -> bool:
         if family not in config.families():
@@ -100,16 +101,19 @@ def register(
         if device not in config.devices():
             report.rejected(family, spelling, out, f"{device} graphs are not rewritten (INDUCTOR_MOE_DEVICES)")
             return False
-        reason = check(match)
-        if reason is not None:
-            if reason:
-                report.rejected(family, spelling, out, reason)
+        proof = check(match)
+        if isinstance(proof, str):
+            if proof:
+                report.rejected(family, spelling, out, proof)
             return False
-        return replacement is not None
+        if replacement is None:
+            return False
+        proofs[id(match)] = proof
+        return True
 
     def handler(match: Match, *args, **kwargs) -> None:
         out = match.output_node()
-        fn, fn_args = replacement(match)
+        fn, fn_args = replacement(match, proofs.pop(id(match)))
         name, shape = out.name, _shape_str(out)
         match.replace_by_example(fn, fn_args)
         report.rewritten(family, spelling, name, shape)

@@ -43,7 +43,7 @@ def register(arithmetic: PatternMatcherPass) -> None:
                 matching.register(arithmetic, FAMILY, spelling, matching.trace(fn, example), check, replacement)
 
 
-def _check(match: Match) -> str | None:
+def _check(match: Match) -> bool | str:
     ids, w = matching.val(match.kwargs["topk_ids"]), matching.val(match.kwargs["topk_weights"])
     if ids.dim() == 0 or list(ids.shape) != list(w.shape):
         return f"ids {list(ids.shape)} and weights {list(w.shape)} do not have one shape (broadcasting)"
@@ -54,10 +54,10 @@ def _check(match: Match) -> str | None:
             return f"the {name}' leading dims do not flatten to one row stride (strides {list(t.stride())})"
     if not matching.known(ids.numel() <= 2**31 - 1):
         return "more than 2**31-1 pairs, or a count not provably below it"
-    return None
+    return True
 
 
-def _replace(match: Match):
+def _replace(match: Match, proof: bool):
     return OP, [match.kwargs["topk_ids"], match.kwargs["topk_weights"]]
 
 
