@@ -60,7 +60,13 @@ def events_us(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> fl
 
 
 def buffer_sets(bytes_per_call: int, max_sets: int = 8) -> int:
-    """How many distinct input sets keep the working set at twice the L2 cache (at most ``max_sets``)."""
+    """How many distinct input sets keep the working set at twice the L2 cache (at most ``max_sets``).
+    BENCH_BUFFER_SETS=1 times one set instead: L2-resident where it fits, the way a benchmark that reruns one
+    input measures (to compare with numbers taken so)."""
+    import os
+
+    if os.environ.get("BENCH_BUFFER_SETS"):
+        return int(os.environ["BENCH_BUFFER_SETS"])
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     return max(1, min(max_sets, math.ceil(2 * l2 / max(bytes_per_call, 1))))
 

@@ -118,9 +118,6 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const int vec = vector_width(input.element_size(), {d, in_stride, out_stride}, {input.data_ptr(), out.data_ptr()});
 
   c10::DeviceGuard guard(input.device());
-  const uint32_t variant = static_cast<uint32_t>(dtype | (act << 2) | (filter << 4) | (vec << 8));
-  const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_ACT=" + std::to_string(act) +
-                              ";IM_FILTER=" + std::to_string(filter) + ";IM_VEC=" + std::to_string(vec);
 
   // Threads: x covers a row's packs (32..256), y stacks rows up to 256 threads a block; one block row per
   // row of the tensor. Rows are split into column chunks only while there are fewer row blocks than two
@@ -149,7 +146,8 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.d = static_cast<int>(d);
   p.zero_dead = zero_dead ? 1 : 0;
   void* args[] = {&p};
-  launch_kernel(input.device(), kActAndMulFamily, "act_and_mul", variant, defines,
+  launch_kernel(input.device(), kActAndMulFamily, "act_and_mul",
+                {{"IM_DTYPE", dtype, 2}, {"IM_ACT", act, 2}, {"IM_FILTER", filter, 2}, {"IM_VEC", vec, 4}},
                 Dim3{static_cast<unsigned>(row_blocks), static_cast<unsigned>(chunks)},
                 Dim3{static_cast<unsigned>(tx), static_cast<unsigned>(ty)}, args);
 }

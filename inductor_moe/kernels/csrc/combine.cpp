@@ -71,10 +71,6 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   const int vec =
       vector_width(expert_out.element_size(), {h, expert_out.stride(0)}, {expert_out.data_ptr(), out.data_ptr()});
   c10::DeviceGuard guard(expert_out.device());
-  const uint32_t variant = static_cast<uint32_t>(dtype | (wdtype << 2) | (filter << 4) | (rows_code << 6) | (vec << 8));
-  const std::string defines = "IM_DTYPE=" + std::to_string(dtype) + ";IM_WDTYPE=" + std::to_string(wdtype) +
-                              ";IM_FILTER=" + std::to_string(filter) + ";IM_ROWS=" + std::to_string(rows_code) +
-                              ";IM_VEC=" + std::to_string(vec);
 
   // One thread per output pack, up to 256 a block; at least 64 when the kernel stages (row, weight) pairs
   // 64 at a time in shared memory (filter or src_rows), else 32. Few tokens get smaller blocks, so the work
@@ -108,7 +104,12 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   p.k = static_cast<int>(k);
   p.h = static_cast<int>(h);
   void* args[] = {&p};
-  launch_kernel(expert_out.device(), kCombineFamily, "combine", variant, defines,
+  launch_kernel(expert_out.device(), kCombineFamily, "combine",
+                {{"IM_DTYPE", dtype, 2},
+                 {"IM_WDTYPE", wdtype, 2},
+                 {"IM_FILTER", filter, 2},
+                 {"IM_ROWS", rows_code, 2},
+                 {"IM_VEC", vec, 4}},
                 Dim3{static_cast<unsigned>(tokens), static_cast<unsigned>(chunks)},
                 Dim3{static_cast<unsigned>(threads)}, args);
   return out;

@@ -17,6 +17,7 @@
 #include <fstream>
 #include <iterator>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -121,9 +122,33 @@ void make_current(const DeviceInfo& info) {
   if (current != info.primary) check_cu(driver().ctx_set_current(info.primary), "cuCtxSetCurrent");
 }
 
-CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, const char* family, uint32_t variant,
-                        const std::string& defines) {
-  const uint64_t key = (static_cast<uint64_t>(device) << 48) | (static_cast<uint64_t>(family_id) << 32) | variant;
+// The cache key of a variant: device, family and the defines' values packed bit field after bit field.
+uint64_t variant_key(int device, uint32_t family_id, std::initializer_list<Define> defines) {
+  uint64_t variant = 0;
+  int shift = 0;
+  for (const Define& d : defines) {
+    TORCH_CHECK(d.value >= 0 && d.value < (1 << d.bits) && shift + d.bits <= 32,
+                cat("inductor_moe: define ", d.name, "=", d.value, " does not fit its key bits"));
+    variant |= static_cast<uint64_t>(d.value) << shift;
+    shift += d.bits;
+  }
+  return (static_cast<uint64_t>(device) << 48) | (static_cast<uint64_t>(family_id) << 32) | variant;
+}
+
+std::string format_defines(std::initializer_list<Define> defines) {
+  std::string out;
+  for (const Define& d : defines) {
+    if (!out.empty()) out += ';';
+    out += d.name;
+    out += '=';
+    out += std::to_string(d.value);
+  }
+  return out;
+}
+
+CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, const char* family,
+                        std::initializer_list<Define> define_list) {
+  const uint64_t key = variant_key(device, family_id, define_list);
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_functions.find(key);
@@ -133,6 +158,7 @@ CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, 
   // which another thread may hold while it waits for this lock. Two threads may then both compile the
   // variant; the disk cache makes that harmless.
   TORCH_CHECK(g_compile != nullptr, cat("inductor_moe: the kernel compiler was not registered; import inductor_moe"));
+  const std::string defines = format_defines(define_list);
   char path[4096] = {0};
   const int rc = g_compile(family, defines.c_str(), info.major, info.minor, path, sizeof(path));
   TORCH_CHECK(rc == 0, cat("inductor_moe: compiling ", family, " [", defines, "] for sm_", info.major, info.minor,
@@ -167,11 +193,11 @@ CUstream current_stream(const c10::Device& device) {
 
 int multiprocessor_count(const c10::Device& device) { return device_info(device.index()).sms; }
 
-void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family, uint32_t variant,
-                   const std::string& defines, Dim3 grid, Dim3 block, void** args) {
+void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family,
+                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args) {
   const DeviceInfo& info = device_info(device.index());
   make_current(info);
-  CUfunction fn = get_function(device.index(), info, family_id, family, variant, defines);
+  CUfunction fn = get_function(device.index(), info, family_id, family, defines);
   CUlaunchAttribute attr;
   attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
   attr.value.programmaticStreamSerializationAllowed = 1;
