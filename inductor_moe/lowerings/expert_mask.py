@@ -80,7 +80,8 @@ class _Eval:
         self.step = 1
         self.domain = (_INT64_MIN, _INT64_MAX)
 
-    def evaluate(self, node) -> Intervals | str:
+    def _rows_of(self, node):
+        """The node under the row layout (see _strip_row_layout), recording its expansion step; or why not."""
         node, step = _strip_row_layout(node)
         if isinstance(step, str):
             return step
@@ -88,6 +89,12 @@ class _Eval:
             if self.step not in (1, step):
                 return "the mask expands ids to rows twice"
             self.step = step
+        return node
+
+    def evaluate(self, node) -> Intervals | str:
+        node = self._rows_of(node)
+        if isinstance(node, str):
+            return node
         if not isinstance(node, torch.fx.Node) or node.op != "call_function":
             return f"the mask comes from {getattr(node, 'name', node)}, not from a comparison of expert ids"
         target, args = node.target, node.args
@@ -109,13 +116,9 @@ class _Eval:
         ids, bound = args[0], args[1]
         if not isinstance(bound, int) or isinstance(bound, bool):
             return f"{node.name} compares the ids with {bound!r}, not with an integer constant"
-        ids, step = _strip_row_layout(ids)
-        if isinstance(step, str):
-            return step
-        if step != 1:
-            if self.step not in (1, step):
-                return "the mask expands ids to rows twice"
-            self.step = step
+        ids = self._rows_of(ids)
+        if isinstance(ids, str):
+            return ids
         ids_val = val(ids)
         if not isinstance(ids_val, torch.Tensor) or ids_val.dtype not in (torch.int32, torch.int64):
             return f"{node.name} compares {getattr(ids, 'name', ids)}, which is not int32 or int64 expert ids"
