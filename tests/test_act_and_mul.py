@@ -208,6 +208,26 @@ def test_filter_local_expert_range(device):
     assert torch.equal(out[live], im.gelu_tanh_and_mul(x)[live])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [768, 2048, 2056])  # packs of 8 bf16: 96 and 256 (a warp a row), 257 (wide blocks)
+@pytest.mark.parametrize("layout", ["random", "sorted"])
+def test_filter_launch_shapes(d, layout):
+    rows = 4097
+    x = randn(rows, 2 * d, dtype=torch.bfloat16, device="cuda")
+    if layout == "sorted":  # the runner's layout: live rows first
+        ids = torch.where(torch.arange(rows, device="cuda") < rows // 8, 3, -1)
+    else:
+        ids = torch.where(torch.rand(rows, device="cuda") < 0.875, -1, 3)
+    live = ids >= 0
+    out = poisoned_like(torch.empty(rows, d, dtype=torch.bfloat16, device="cuda"))
+    im.silu_and_mul(x, out=out, expert_ids=ids)
+    assert out[~live].isnan().all()
+    assert_matches_reference(out[live], reference.act_and_mul_ref(x[live], "silu"))
+    poison_allocator((rows, d), torch.bfloat16, "cuda")
+    zeroed = im.silu_and_mul(x, expert_ids=ids)
+    assert torch.equal(zeroed[live], out[live]) and not zeroed[~live].any()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("lo,hi", FILTER_RANGES)

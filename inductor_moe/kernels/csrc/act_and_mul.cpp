@@ -126,7 +126,12 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   constexpr int64_t kThreads = 256;  // the kernel's __launch_bounds__
   constexpr int64_t kBlocksPerSm = 2048 / kThreads * 2;
   const int64_t packs = d / vec;
-  const int64_t tx = std::min<int64_t>(kThreads, (packs + 31) / 32 * 32);
+  // Filtered rows of at most 256 packs get one warp each, eight rows a block, so dead rows cost a block per 8
+  // instead of per 1-3. H100, bf16 untouched mode, dead rows sorted last as the runner sorts them: 32768x768
+  // with 7/8 dead 13.89 -> 5.61 us (0.26 -> 0.11 of all live); random dead 4096x2048: 87.5% 5.23 -> 4.45 us,
+  // 50% 11.12 -> 10.72. Longer rows keep the wide blocks: at 8192x14336 one warp a row was 4% slower.
+  const bool warp_per_row = filter != 0 && packs <= 256;
+  const int64_t tx = warp_per_row ? 32 : std::min<int64_t>(kThreads, (packs + 31) / 32 * 32);
   const int64_t ty = std::max<int64_t>(1, kThreads / tx);
   const int64_t row_blocks = (rows + ty - 1) / ty;
   const int64_t wanted = multiprocessor_count(input.device()) * kBlocksPerSm;
