@@ -11,7 +11,6 @@ the op computes; a check that fails names its reason, and the reason is recorded
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
@@ -30,7 +29,6 @@ from .. import config
 from . import canonicalize, report
 
 aten = torch.ops.aten
-log = logging.getLogger("inductor_moe")
 
 # Arguments (by position) that depend on sizes or rank and are proven by the family's check instead.
 _SIZE_ARGS = {
