@@ -27,7 +27,7 @@ def make_layer(tokens, hidden=64, inter=32, experts=8, dtype=torch.bfloat16, dev
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 7, 37])
+@pytest.mark.parametrize("tokens", [0, 1, 7, 37])
 @pytest.mark.parametrize("local", [None, (2, 5)])
 def test_runner_matches_reference(device, dtype, tokens, local):
     if device == "cpu" or dtype == torch.bfloat16:
