@@ -4,13 +4,15 @@ rounding of its products; shapes that only look alike are not, with the reason r
 
 from __future__ import annotations
 
+import re
+
 import expecttest
 import pytest
 import torch
 
 from inductor_moe import reference
 
-from helpers import TOL, compile_rewrite, families, randn
+from helpers import TOL, compile_rewrite, extreme_ids, families, randn
 
 
 def rows(eo, w):
@@ -105,3 +107,39 @@ class TestSnapshots(expecttest.TestCase):
 v0 = inductor_moe.moe_combine(in0, in1)
 return [v0]""",
         )
+
+
+FILTERED = {
+    # name: (fn(eo, w, ids), the pairs it drops, the weights' dtype)
+    "where(ids == -1, 0, terms).sum(1), bf16 weights": (
+        lambda eo, w, ids: torch.where((ids == -1)[..., None], 0.0, rows(eo, w) * w[..., None]).sum(1),
+        lambda ids: ids == -1,
+        torch.bfloat16,
+    ),
+    "where(live range, terms, 0).sum(1).to(dtype)": (
+        lambda eo, w, ids: (
+            torch.where(((ids >= 2) & (ids < 6)).unsqueeze(-1), rows(eo, w) * w[..., None], 0).sum(1).to(eo.dtype)
+        ),
+        lambda ids: (ids < 2) | (ids >= 6),
+        torch.float32,
+    ),
+}
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", list(FILTERED))
+def test_masked_terms_become_the_filter(case, ids_dtype):
+    fn, dropped, w_dtype = FILTERED[case]
+    ids = extreme_ids(ids_dtype, "cpu").view(2, 7)  # every id at the edges of the dtype
+    eo, w = randn(14, 24, dtype=torch.bfloat16), torch.rand(2, 7).to(w_dtype)
+    eo[dropped(ids).view(-1)] = float("nan")  # dropped pairs' rows are never read: NaN there must not show
+    out, report = compile_rewrite(fn, eo, w, ids)
+    assert families(report) == ["combine"], report
+    assert re.fullmatch(
+        r"v0 = inductor_moe.moe_combine\(in\d, in\d, in\d, -?\d+, -?\d+\)\nreturn \[v0\]", report.graphs[0]
+    )
+    # the same pairs dropped as the spelling, for every id value; the op's result on the others
+    assert torch.equal(out, reference.moe_combine_ref(eo, w, torch.where(dropped(ids), -1, 0)))
+    # eager rounds each product to bf16 (bf16 weights) or sums in another order: a few ulps over 7 terms
+    tol = TOL[torch.bfloat16]["rtol"]
+    torch.testing.assert_close(out, fn(eo, w, ids), rtol=4 * tol, atol=4 * tol)

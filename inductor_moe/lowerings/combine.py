@@ -1,11 +1,13 @@
 """Lowering of the weighted top-k combine ``out[t] = sum_k w[t, k] * expert_out[t * K + k]`` into
 ``inductor_moe::moe_combine``.
 
-Spellings, traced per dtype: ``(expert_out.view(T, K, H) * w[..., None]).sum(1)`` (either order, with or without
-a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes it), ``torch.bmm(w[:, None],
+Spellings, traced per dtype: ``(expert_out.view(T, K, H) * w[..., None]).sum(1)`` (either order, with or
+without a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes it), ``torch.bmm(w[:, None],
 expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum("tkh,tk->th", expert_out.view(T, K, H), w)``. The
 check proves from the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights
-broadcast over hidden, and that the sum runs over k.
+broadcast over hidden, and that the sum runs over k. With the products of dead pairs replaced by 0 before the
+sum (``where(dead[..., None], 0, view * w[..., None]).sum(1)``, or the live mask the other way round), the mask
+becomes the op's expert filter (expert_mask.py).
 
 Rounding: the op multiplies and accumulates in fp32 and rounds once to expert_out's dtype; eager bf16/fp16
 rounds every product first, and bmm accumulates in its own order. A result that stays fp32 (fp32 weights,
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from . import matching
+from . import expert_mask, matching
 
 aten = torch.ops.aten
 OP = torch.ops.inductor_moe.moe_combine.default
@@ -54,6 +56,24 @@ SPELLINGS = {
     ),
 }
 
+# The filtered combine: the products of dead pairs replaced by 0 before the sum (cond is the mask with a
+# trailing dim of 1, zero a scalar 0). Exact: a dead pair's row and weight never reach the sum, NaN or not,
+# which is what the filter does by not reading them (masking the weights instead is not: 0 * NaN is NaN).
+FILTERED_SPELLINGS = {
+    "where(dead, 0, view * w[..., None]).sum(1)": (
+        False,
+        lambda expert_out, topk_weights, cond, zero: torch.where(
+            cond, zero, _rows(expert_out, topk_weights) * topk_weights.unsqueeze(-1)
+        ).sum(1),
+    ),
+    "where(live, view * w[..., None], 0).sum(1)": (
+        True,
+        lambda expert_out, topk_weights, cond, zero: torch.where(
+            cond, _rows(expert_out, topk_weights) * topk_weights.unsqueeze(-1), zero
+        ).sum(1),
+    ),
+}
+
 # (expert_out, weights) dtypes the spellings are traced with; mixed pairs differ only by the casts they add
 _DTYPES = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]
 _DTYPES += [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)]
@@ -62,16 +82,35 @@ _DTYPES += [(torch.float32, torch.float16)]
 
 def register(arithmetic: PatternMatcherPass) -> None:
     seen = set()
+
+    def add(spelling, fn, example, check, replacement):
+        pattern = matching.trace(fn, example)
+        if repr(pattern) not in seen:  # mixed dtypes often trace to the same pattern
+            seen.add(repr(pattern))
+            matching.register(arithmetic, FAMILY, spelling, pattern, check, replacement)
+
     for eo_dtype, w_dtype in _DTYPES:
         example = [torch.zeros(8, 4, dtype=eo_dtype), torch.zeros(2, 4, dtype=w_dtype)]
+        mask = [torch.zeros(2, 4, 1, dtype=torch.bool), torch.zeros((), dtype=torch.promote_types(eo_dtype, w_dtype))]
         for spelling, fn in SPELLINGS.items():
-            if spelling.startswith(("bmm", "einsum")) and eo_dtype != w_dtype:
-                continue  # bmm needs one dtype
-            pattern = matching.trace(fn, example)
-            if repr(pattern) in seen:
-                continue
-            seen.add(repr(pattern))
-            matching.register(arithmetic, FAMILY, spelling, pattern, _check, _replace)
+            if not (spelling.startswith(("bmm", "einsum")) and eo_dtype != w_dtype):  # bmm needs one dtype
+                add(spelling, fn, example, _check, _replace)
+        for spelling, (live_when_true, fn) in FILTERED_SPELLINGS.items():
+            add(spelling, fn, example + mask, _check_filtered(live_when_true), _replace_filtered)
+            add(
+                f"{spelling}.to(dtype)",
+                _cast_back(fn),
+                example + mask,
+                _check_filtered(live_when_true),
+                _replace_filtered,
+            )
+
+
+def _cast_back(fn):
+    def spelling(expert_out, topk_weights, cond, zero):
+        return fn(expert_out, topk_weights, cond, zero).to(expert_out.dtype)
+
+    return spelling
 
 
 def _check(match: Match) -> bool | str:
@@ -110,3 +149,24 @@ def _check(match: Match) -> bool | str:
 
 def _replace(match: Match, proof: bool):
     return OP, [match.kwargs["expert_out"], match.kwargs["topk_weights"]]
+
+
+def _check_filtered(live_when_true: bool):
+    def check(match: Match) -> expert_mask.ExpertFilter | str:
+        proof = _check(match)
+        if isinstance(proof, str):
+            return proof
+        if not matching.is_plus_zero(matching.scalar_constant(match.kwargs["zero"])):
+            return "dead pairs get a value other than +0"
+        w = matching.val(match.kwargs["topk_weights"])
+        return expert_mask.expert_filter(match.kwargs["cond"], list(w.shape), live_when_true)
+
+    return check
+
+
+def _replace_filtered(match: Match, f: expert_mask.ExpertFilter):  # f.step is 1: pairs have no blocks
+    return (lambda eo, w, ids: OP(eo, w, ids, f.lo, f.hi)), [
+        match.kwargs["expert_out"],
+        match.kwargs["topk_weights"],
+        f.ids,
+    ]

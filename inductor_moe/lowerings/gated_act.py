@@ -18,8 +18,6 @@ default Inductor's fused code, which also keeps the product in fp32).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, Match, PatternMatcherPass
 
@@ -154,10 +152,10 @@ def _filter_of(match: Match, live_when_true: bool, on_input: bool):
     op = _op_node(match)
     out = matching.val(op)
     zero = match.kwargs["zero"]
-    zero_val = _constant(zero)
+    zero_val = matching.scalar_constant(zero)
     # the dead rows of the rewrite are +0.0: the mask must write exactly that (any zero on the input: act(+-0)
     # * (+-0) is +0 for all three activations)
-    if zero_val is None or zero_val != 0 or (not on_input and math.copysign(1.0, zero_val) < 0):
+    if zero_val is None or zero_val != 0 or (not on_input and not matching.is_plus_zero(zero_val)):
         return f"dead rows get {zero_val if zero_val is not None else zero}, not 0"
     if not on_input and list(matching.val(match.output_node()).shape) != list(out.shape):
         return "the mask broadcasts the result to another shape"
@@ -180,18 +178,6 @@ def _check_filter(live_when_true: bool, on_input: bool):
 def _replace_filter(match: Match, f: expert_mask.ExpertFilter):
     activation = _op_node(match).args[1]
     return (lambda x, ids: OP(x, activation, ids, f.step, f.lo, f.hi)), [match.kwargs["x"], f.ids]
-
-
-def _constant(node):
-    """The value of a scalar constant node (full / scalar_tensor of shape []), or None."""
-    if isinstance(node, (int, float)):
-        return node
-    if isinstance(node, torch.fx.Node) and node.target in (aten.full.default, aten.scalar_tensor.default):
-        value = node.args[1] if node.target is aten.full.default else node.args[0]
-        shape = node.args[0] if node.target is aten.full.default else []
-        if list(shape) == [] and isinstance(value, (int, float)):
-            return value
-    return None
 
 
 def _mask_product(match: Match) -> str:

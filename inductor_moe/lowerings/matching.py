@@ -133,6 +133,25 @@ def val(node) -> Any:
     return _val(node)
 
 
+def scalar_constant(node):
+    """The value of a scalar constant node (``full`` / ``scalar_tensor`` of shape []) or number, else None."""
+    if isinstance(node, (int, float)):
+        return node
+    if isinstance(node, torch.fx.Node) and node.target in (aten.full.default, aten.scalar_tensor.default):
+        value = node.args[1] if node.target is aten.full.default else node.args[0]
+        shape = node.args[0] if node.target is aten.full.default else []
+        if list(shape) == [] and isinstance(value, (int, float)):
+            return value
+    return None
+
+
+def is_plus_zero(value) -> bool:
+    """True for an exact +0 (0, 0.0), not for -0.0."""
+    import math
+
+    return value is not None and value == 0 and math.copysign(1.0, value) > 0
+
+
 def known(cond) -> bool:
     """True only if ``cond`` (an expression of possibly symbolic sizes) holds for every size the graph serves;
     never adds a guard, so a proof never specialises the compiled graph."""
