@@ -60,3 +60,21 @@ def test_compiled_tail_runs_our_kernels(mode):
         args = inputs()
         got = compiled(*args)
         assert torch.equal(got[1], reference.pack_topk_ids_weights_ref(args[2], args[3]))
+
+
+def test_compiled_filtered_combine_skips_dead_rows():
+    from torch._inductor.utils import run_and_get_code
+
+    def combine(expert_out, w, ids):
+        terms = expert_out.view(T, K, -1) * w[..., None]
+        return torch.where((ids < 0)[..., None], 0.0, terms).sum(1).to(expert_out.dtype)
+
+    torch._dynamo.reset()
+    expert_out = randn(T * K, H, dtype=torch.bfloat16, device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    ids = torch.where(torch.rand(T, K, device="cuda") < 0.5, -1, 3)
+    expert_out[(ids < 0).view(-1)] = float("nan")  # a dead pair's row is never read
+    out, code = run_and_get_code(torch.compile(combine, backend="inductor_moe"), expert_out, w, ids)
+    assert "torch.ops.inductor_moe.moe_combine.default" in "\n".join(code)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, reference.moe_combine_ref(expert_out, w, ids), **TOL[torch.bfloat16])
