@@ -18,6 +18,8 @@ default Inductor's fused code, which also keeps the product in fp32).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, Match, PatternMatcherPass
 
@@ -134,7 +136,7 @@ def _register_filters(filters: PatternMatcherPass) -> None:
             FAMILY,
             f"filter: {spelling}",
             pattern,
-            _check_filter(live_when_true, on_input),
+            functools.partial(_filter_of, live_when_true=live_when_true, on_input=on_input),
             _replace_filter,
         )
     for order in ((_UNFILTERED, KeywordArg("mask")), (KeywordArg("mask"), _UNFILTERED)):
@@ -147,8 +149,8 @@ def _op_node(match: Match) -> torch.fx.Node:
     return next(n for n in match.nodes if n.target is OP)
 
 
-def _filter_of(match: Match, live_when_true: bool, on_input: bool):
-    """The expert filter of a matched mask, or why there is none."""
+def _filter_of(match: Match, live_when_true: bool, on_input: bool) -> expert_mask.ExpertFilter | str:
+    """The expert filter of a matched mask (the check's proof), or why there is none."""
     op = _op_node(match)
     out = matching.val(op)
     zero = match.kwargs["zero"]
@@ -166,13 +168,6 @@ def _filter_of(match: Match, live_when_true: bool, on_input: bool):
         if matching.val(masked).dtype != matching.val(match.kwargs["x"]).dtype:
             return "the masked input has another dtype"
     return expert_mask.expert_filter(match.kwargs["cond"], list(out.shape[:-1]), live_when_true)
-
-
-def _check_filter(live_when_true: bool, on_input: bool):
-    def check(match: Match) -> expert_mask.ExpertFilter | str:
-        return _filter_of(match, live_when_true, on_input)
-
-    return check
 
 
 def _replace_filter(match: Match, f: expert_mask.ExpertFilter):
