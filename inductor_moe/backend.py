@@ -93,17 +93,11 @@ def inductor_moe_backend(
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-_saved: list[Any] = []
-
-
 def enable() -> None:
     """Add the lowerings to the stock ``inductor`` backend (torch.compile's default), until :func:`disable`."""
     from torch._inductor import config as inductor_config
 
-    if isinstance(inductor_config.post_grad_custom_post_pass, MoEPass):
-        return
-    _saved.append(inductor_config.post_grad_custom_post_pass)
-    inductor_config.post_grad_custom_post_pass = MoEPass(_saved[-1])
+    inductor_config.post_grad_custom_post_pass = _with_our_pass(inductor_config.post_grad_custom_post_pass)
 
 
 def disable() -> None:
@@ -113,7 +107,6 @@ def disable() -> None:
     current = inductor_config.post_grad_custom_post_pass
     if isinstance(current, MoEPass):
         inductor_config.post_grad_custom_post_pass = current.inner
-        _saved.clear()
 
 
 def explain(fn: Callable, *args, **kwargs) -> report.Report:

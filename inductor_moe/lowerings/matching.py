@@ -95,7 +95,7 @@ def register(
         if family not in config.families():
             return False
         out = match.output_node()
-        device = _val(out).device.type if isinstance(_val(out), torch.Tensor) else None
+        device = val(out).device.type if isinstance(val(out), torch.Tensor) else None
         if device not in config.devices():
             report.rejected(family, spelling, out, f"{device} graphs are not rewritten (INDUCTOR_MOE_DEVICES)")
             return False
@@ -120,17 +120,13 @@ def register(
 
 
 def _shape_str(node: torch.fx.Node) -> str:
-    val = _val(node)
-    return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}" if isinstance(val, torch.Tensor) else "?"
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
+    v = val(node)
+    return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}" if isinstance(v, torch.Tensor) else "?"
 
 
 def val(node) -> Any:
     """The value a node stands for at compile time: a FakeTensor, a SymInt or a constant."""
-    return _val(node)
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else node
 
 
 def scalar_constant(node):

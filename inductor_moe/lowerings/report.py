@@ -100,11 +100,12 @@ def render(graph) -> str:
             return str(a).removeprefix("torch.")
         return repr(a)
 
+    inputs = values = 0
     for node in graph.nodes:
         if node.op == "placeholder":
-            names[node] = f"in{sum(n.op == 'placeholder' for n in names)}"
+            names[node], inputs = f"in{inputs}", inputs + 1
         elif node.op == "call_function":
-            names[node] = f"v{len(names) - sum(n.op == 'placeholder' for n in names)}"
+            names[node], values = f"v{values}", values + 1
             target = getattr(node.target, "__name__", str(node.target))
             if isinstance(node.target, torch._ops.OpOverload):
                 target = f"{node.target.namespace}.{node.target._opname}"
