@@ -13,6 +13,7 @@ theirs, so the FX graph cache keys on both (a pass without a uuid turns the cach
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any, Callable
 
@@ -109,21 +110,28 @@ def disable() -> None:
         inductor_config.post_grad_custom_post_pass = current.inner
 
 
-def explain(fn: Callable, *args, **kwargs) -> report.Report:
-    """Compile ``fn`` with the inductor_moe backend, call it once on ``args``, and return what the lowerings
-    rewrote and which candidates they rejected, with reasons (``print`` it).
-
-    Like ``torch._dynamo.explain`` it resets torch.compile's caches first, and it turns off the FX graph and
-    AOTAutograd caches for its compile, so the pass runs and reports even for a graph compiled before.
-    """
+@contextlib.contextmanager
+def reporting():
+    """Collect what the lowerings do inside the block (a :class:`report.Report`), with the FX graph and
+    AOTAutograd caches off so that the pass runs even for a graph compiled before."""
     import torch._functorch.config as functorch_config
     from torch._inductor import config as inductor_config
 
-    torch._dynamo.reset()
     with (
         report.collect() as collected,
         inductor_config.patch(fx_graph_cache=False),
         functorch_config.patch(enable_autograd_cache=False),
     ):
+        yield collected
+
+
+def explain(fn: Callable, *args, **kwargs) -> report.Report:
+    """Compile ``fn`` with the inductor_moe backend, call it once on ``args``, and return what the lowerings
+    rewrote and which candidates they rejected, with reasons (``print`` it).
+
+    Like ``torch._dynamo.explain`` it resets torch.compile's caches first (see :func:`reporting`).
+    """
+    torch._dynamo.reset()
+    with reporting() as collected:
         torch.compile(fn, backend=inductor_moe_backend)(*args, **kwargs)
     return collected

@@ -63,23 +63,24 @@ def assert_matches_reference(out, ref):
         assert (out != ref).float().mean().item() < 0.01
 
 
-def assert_compiles_once(fn, make_args, batches, check, unbacked=False):
-    """Compile ``fn`` with Inductor (fullgraph) and call it at every batch size in ``batches``, dim 0 of every
+def assert_compiles_once(fn, make_args, batches, check, unbacked=False, backend="inductor", dims=(0,)):
+    """Compile ``fn`` with ``backend`` (fullgraph) and call it at every size in ``batches``, the ``dims`` of every
     argument from ``make_args(t)`` marked dynamic: backed with sizes 0/1 not specialised
-    (backed_size_oblivious), or unbacked (no guards on the batch at all). ``check(compiled, eager)`` must hold
-    at every size, and the function must have compiled exactly once."""
+    (backed_size_oblivious), or unbacked (no guards on them at all). ``check(compiled, eager)`` must hold at
+    every size, and the function must have compiled exactly once."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch.fx.experimental import _config as fx_config
 
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
     mark = torch._dynamo.decorators.mark_unbacked if unbacked else torch._dynamo.mark_dynamic
     with fx_config.patch(backed_size_oblivious=not unbacked):
         for t in batches:
             args = make_args(t)
             for a in args:
-                mark(a, 0)
+                for dim in dims:
+                    mark(a, dim)
             check(compiled(*args), fn(*args))
     assert counter.frame_count == 1
 
@@ -87,22 +88,12 @@ def assert_compiles_once(fn, make_args, batches, check, unbacked=False):
 def compile_rewrite(fn, *args, **compile_kwargs):
     """Compile ``fn`` (by default with the inductor_moe backend, fullgraph), CPU graphs rewritten too, and run it
     on ``args``; returns the result and the lowerings' report (rewrites, rejections, the graph after the pass).
-    Caches off and dynamo reset, so the pass runs every time."""
-    import torch._functorch.config as functorch_config
-    from torch._inductor import config as inductor_config
+    Dynamo reset and caches off (backend.reporting), so the pass runs every time."""
+    from inductor_moe import backend, config
 
-    from inductor_moe import config
-    from inductor_moe.lowerings import report
-
-    compile_kwargs = {"backend": "inductor_moe", "fullgraph": True, **compile_kwargs}
     torch._dynamo.reset()
-    with (
-        config.override(devices="cpu,cuda"),
-        report.collect() as collected,
-        inductor_config.patch(fx_graph_cache=False),
-        functorch_config.patch(enable_autograd_cache=False),
-    ):
-        out = torch.compile(fn, **compile_kwargs)(*args)
+    with config.override(devices="cpu,cuda"), backend.reporting() as collected:
+        out = torch.compile(fn, **{"backend": "inductor_moe", "fullgraph": True, **compile_kwargs})(*args)
     return out, collected
 
 

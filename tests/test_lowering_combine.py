@@ -77,18 +77,13 @@ def test_near_misses(case):
 def test_symbolic_tokens():
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from inductor_moe import config
-    from inductor_moe.lowerings import report as report_module
+    from inductor_moe import backend, config
 
     fn = SPELLINGS["view * w[..., None], sum(1)"]
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor_moe")
     compiled = torch.compile(fn, backend=counter, fullgraph=True)
-    with (
-        config.override(devices="cpu"),
-        report_module.collect() as report,
-        torch._inductor.config.patch(fx_graph_cache=False),
-    ):
+    with config.override(devices="cpu"), backend.reporting() as report:
         for tokens in (3, 9, 33, 2):
             eo, w = randn(tokens * 8, 16), torch.rand(tokens, 8)
             torch._dynamo.mark_dynamic(eo, 0)

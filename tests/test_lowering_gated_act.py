@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from inductor_moe import reference
 
-from helpers import DTYPES, TOL, compile_rewrite, extreme_ids, families, randn
+from helpers import DTYPES, TOL, assert_compiles_once, compile_rewrite, extreme_ids, families, randn
 
 ACTS = {
     "silu": F.silu,
@@ -244,24 +244,24 @@ def test_settings_turn_rewriting_off():
 
 
 def test_symbolic_batch_and_d_match_without_recompiles():
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from inductor_moe import backend, config
 
-    from inductor_moe import config
-    from inductor_moe.lowerings import report as report_module
+    xs = []
 
-    fn = lambda x: SPELLINGS["chunk"]("gelu", x)  # noqa: E731
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor_moe")
-    compiled = torch.compile(fn, backend=counter, dynamic=True, fullgraph=True)
-    with (
-        config.override(devices="cpu"),
-        report_module.collect() as report,
-        torch._inductor.config.patch(fx_graph_cache=False),
-    ):
-        for rows, d in [(3, 8), (17, 8), (64, 24), (2, 40)]:  # sizes 0 and 1 are specialised by dynamo
-            x = randn(rows, 2 * d)
-            assert torch.equal(compiled(x), reference.act_and_mul_ref(x, "gelu"))
-    assert counter.frame_count == 1
+    def make_args(size):
+        rows, d = size
+        xs[:] = [randn(rows, 2 * d)]
+        return tuple(xs)
+
+    with config.override(devices="cpu"), backend.reporting() as report:
+        assert_compiles_once(
+            lambda x: SPELLINGS["chunk"]("gelu", x),
+            make_args,
+            [(3, 8), (17, 8), (64, 24), (1, 40), (0, 8)],
+            lambda out, _: torch.equal(out, reference.act_and_mul_ref(xs[0], "gelu")) or pytest.fail("not exact"),
+            backend="inductor_moe",
+            dims=(0, 1),
+        )
     assert families(report) == ["gated_act"]
 
 

@@ -69,17 +69,12 @@ return [v0]""",
 def test_symbolic_tokens():
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    from inductor_moe import config
-    from inductor_moe.lowerings import report as report_module
+    from inductor_moe import backend, config
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor_moe")
     compiled = torch.compile(reference.pack_topk_ids_weights_ref, backend=counter, fullgraph=True)
-    with (
-        config.override(devices="cpu"),
-        report_module.collect() as report,
-        torch._inductor.config.patch(fx_graph_cache=False),
-    ):
+    with config.override(devices="cpu"), backend.reporting() as report:
         for tokens in (3, 17, 64, 2):
             ids, w = torch.randint(-1, 300, (tokens, 8)), edge_weights(torch.float32, tokens * 8).view(tokens, 8)
             torch._dynamo.mark_dynamic(ids, 0)
