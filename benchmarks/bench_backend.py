@@ -2,7 +2,7 @@
 
     python benchmarks/bench_backend.py
 
-The function (tests/test_lowering_cuda.py's moe_tail at model sizes): the gated activation of the up
+The function (examples/moe_blocks.py's moe_tail at model sizes): the gated activation of the up
 projection's output with an expert-parallel mask (where(ids == -1, 0, silu(gate) * up)), the packing of top-k
 ids and weights, and the weighted combine of the expert outputs (view * w, sum over k, cast back). Qwen3-30B-A3B
 sizes: top-8, expert intermediate 768, hidden 2048. µs per call inside a CUDA graph (benchmarks/timing.py),
@@ -15,22 +15,16 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import inductor_moe  # noqa: E402, F401  (the ops; the backend itself is found by name)
 
 import timing  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+from moe_blocks import moe_tail  # noqa: E402
+
 K, I, H = 8, 768, 2048
-
-
-def moe_tail(h, row_ids, topk_ids, w, expert_out):
-    gate, up = h.chunk(2, dim=-1)
-    act = torch.where((row_ids == -1)[:, None], 0, F.silu(gate) * up)
-    packed = (topk_ids.to(torch.int32) << 16) | (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
-    out = (expert_out.view(w.shape[0], K, -1) * w[..., None]).sum(1).to(expert_out.dtype)
-    return act, packed, out
 
 
 def main():

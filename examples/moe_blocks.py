@@ -6,7 +6,8 @@
   (this rank owns experts [lo, hi); other experts' rows carry a sentinel and are masked before the
   activation), and a view * weights, sum over k combine.
 
-Both take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
+Both take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I]. :func:`moe_tail` is the
+pointwise tail of such a block alone (what tests/test_lowering_cuda.py and benchmarks/bench_backend.py compile).
 """
 
 from __future__ import annotations
@@ -61,3 +62,14 @@ class GroupedMoE(nn.Module):
         y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
         y = torch.where(remote[:, None], 0, y)[torch.argsort(order)]  # back to token-major pairs
         return (y.view(tokens, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+def moe_tail(h, row_ids, topk_ids, w, expert_out):
+    """The pointwise tail of a MoE block as models write it: the gated activation of the up projection's
+    output h [T*K, 2I] with an expert-parallel mask (row id -1), the packing of top-k ids and weights [T, K],
+    and the weighted combine of expert_out [T*K, H]."""
+    gate, up = h.chunk(2, dim=-1)
+    act = torch.where((row_ids == -1)[:, None], 0, F.silu(gate) * up)
+    packed = (topk_ids.to(torch.int32) << 16) | (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
+    out = (expert_out.view(w.shape[0], w.shape[1], -1) * w[..., None]).sum(1).to(expert_out.dtype)
+    return act, packed, out

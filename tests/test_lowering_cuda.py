@@ -4,27 +4,22 @@ mode="reduce-overhead" (CUDA graphs)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 from inductor_moe import reference
 
 from helpers import TOL, randn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from moe_blocks import moe_tail  # noqa: E402
+
 pytestmark = pytest.mark.cuda
 
 T, K, I, H = 37, 4, 96, 72
-
-
-def moe_tail(h, row_ids, topk_ids, w, expert_out):
-    """The pointwise tail of a MoE block as models write it: the gated activation with an expert-parallel
-    mask, the packing of top-k ids and weights, the weighted combine."""
-    gate, up = h.chunk(2, dim=-1)
-    act = torch.where((row_ids == -1)[:, None], 0, F.silu(gate) * up)
-    packed = (topk_ids.to(torch.int32) << 16) | (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
-    out = (expert_out.view(T, K, -1) * w[..., None]).sum(1).to(expert_out.dtype)
-    return act, packed, out
 
 
 def inputs():
