@@ -88,7 +88,20 @@ def test_reference_filter_semantics():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize(
     "rows,d",
-    [(0, 64), (1, 1), (1, 14336), (7, 13), (37, 1024), (37, 4100), (4097, 13), (4097, 1024), (64, 2 * 4096 + 8)],
+    # accesses of 4 elements (37x4100: d % 8 == 4), of 8 (4097x776: many short rows), of 1 (d % 4 != 0)
+    [
+        (0, 64),
+        (1, 1),
+        (1, 14336),
+        (7, 13),
+        (37, 1024),
+        (37, 4100),
+        (37, 1030),
+        (4097, 13),
+        (4097, 776),
+        (4097, 1024),
+        (64, 2 * 4096 + 8),
+    ],
 )
 def test_op_matches_reference(device, dtype, activation, rows, d):
     x = randn(rows, 2 * d, dtype=dtype, device=device)
@@ -209,10 +222,10 @@ def test_filter_local_expert_range(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("d", [768, 2048, 2056])  # packs of 8 bf16: 96 and 256 (a warp a row), 257 (wide blocks)
+@pytest.mark.parametrize("d", [768, 2048, 2056])  # a warp a row up to d = 2048, wide blocks above
+@pytest.mark.parametrize("rows", [37, 4097])  # accesses of 4 elements, of 8 (many rows of a warp each)
 @pytest.mark.parametrize("layout", ["random", "sorted"])
-def test_filter_launch_shapes(d, layout):
-    rows = 4097
+def test_filter_launch_shapes(d, rows, layout):
     x = randn(rows, 2 * d, dtype=torch.bfloat16, device="cuda")
     if layout == "sorted":  # the runner's layout: live rows first
         ids = torch.where(torch.arange(rows, device="cuda") < rows // 8, 3, -1)

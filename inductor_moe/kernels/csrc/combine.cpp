@@ -69,7 +69,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   const int dtype = dtype_code(expert_out.scalar_type());
   const int wdtype = dtype_code(topk_weights.scalar_type());
   const int vec =
-      vector_width(expert_out.element_size(), {h, expert_out.stride(0)}, {expert_out.data_ptr(), out.data_ptr()});
+      vector_width(expert_out.element_size(), 16, {h, expert_out.stride(0)}, {expert_out.data_ptr(), out.data_ptr()});
   c10::DeviceGuard guard(expert_out.device());
 
   // One thread per output pack, up to 256 a block; at least 64 when the kernel stages (row, weight) pairs

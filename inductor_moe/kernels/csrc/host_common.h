@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 
@@ -27,18 +28,18 @@ inline int dtype_code(at::ScalarType t) {
 // Index tensors (expert ids, row indices): 1 for int32, 2 for int64, 0 for anything else.
 inline int index_code(at::ScalarType t) { return t == at::kInt ? 1 : t == at::kLong ? 2 : 0; }
 
-// Elements moved per access: 16 bytes' worth when every extent (row length, row strides, in elements) is a
-// multiple of that and every pointer is 16-byte aligned, else one element.
-inline int vector_width(int64_t element_size, std::initializer_list<int64_t> extents,
+// Elements moved per access: `wanted` (at most 16 bytes' worth) when every extent (row length, row strides,
+// in elements) is a multiple of it and every pointer aligned to its bytes, else one element.
+inline int vector_width(int64_t element_size, int64_t wanted, std::initializer_list<int64_t> extents,
                         std::initializer_list<const void*> pointers) {
-  const int64_t vec16 = 16 / element_size;
+  const int64_t vec = std::min<int64_t>(wanted, 16 / element_size);
   for (int64_t e : extents) {
-    if (e % vec16 != 0) return 1;
+    if (e % vec != 0) return 1;
   }
   for (const void* p : pointers) {
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+    if (reinterpret_cast<uintptr_t>(p) % (vec * element_size) != 0) return 1;
   }
-  return static_cast<int>(vec16);
+  return static_cast<int>(vec);
 }
 
 }  // namespace inductor_moe
