@@ -17,7 +17,10 @@ from .kernels import jit
 
 _lib = torch.library.Library("inductor_moe", "DEF")
 
-_FILTER_ARGS = "Tensor? expert_ids=None, int expert_step=1, int expert_lo=0, int expert_hi=2147483647"
+_FILTER_ARGS = (
+    "Tensor? expert_ids=None, int expert_step=1, int expert_lo=0, int expert_hi=2147483647, "
+    "Tensor? expert_ids_index=None"
+)
 _lib.define(f"act_and_mul(Tensor input, str activation, {_FILTER_ARGS}) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
 _lib.define(
     f"act_and_mul_out(Tensor input, Tensor(a!) out, str activation, {_FILTER_ARGS}) -> ()",
@@ -29,7 +32,7 @@ _lib.define(
 )
 _lib.define(
     "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor? topk_ids=None, int expert_lo=0, "
-    "int expert_hi=2147483647, Tensor? src_rows=None) -> Tensor",
+    "int expert_hi=2147483647, Tensor? src_rows=None, bool zero_dead_rows=False) -> Tensor",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
@@ -85,7 +88,7 @@ def _check_layout(name: str, t: torch.Tensor) -> None:
     )
 
 
-def _check_act_and_mul(input, out, activation, expert_ids, expert_step) -> None:
+def _check_act_and_mul(input, out, activation, expert_ids, expert_step, index=None) -> None:
     _check(
         activation in reference.ACTIVATIONS,
         f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
@@ -106,14 +109,22 @@ def _check_act_and_mul(input, out, activation, expert_ids, expert_step) -> None:
         _check_layout("out", out)
     _check(expert_step >= 1, f"expert_step must be >= 1, got {expert_step}")
     if expert_ids is None:
+        _check(index is None, "expert_ids_index needs expert_ids")
         return
-    ids = expert_ids
-    _check(ids.dtype in (torch.int32, torch.int64), f"expert_ids must be int32 or int64, got {ids.dtype}")
-    _check(ids.device == input.device, f"expert_ids must be on {input.device}, got {ids.device}")
-    _check(ids.is_contiguous(), "expert_ids must be contiguous")
+    for name, t in (("expert_ids", expert_ids), ("expert_ids_index", index)):
+        if t is None:
+            continue
+        _check(t.dtype in (torch.int32, torch.int64), f"{name} must be int32 or int64, got {t.dtype}")
+        _check(t.device == input.device, f"{name} must be on {input.device}, got {t.device}")
+        _check(t.is_contiguous(), f"{name} must be contiguous")
+    if index is not None:
+        _check(expert_ids.dim() == 1, f"with expert_ids_index, expert_ids must be 1-D, got {list(expert_ids.shape)}")
+        _check(expert_ids.numel() <= _MAX_INDEX, f"at most 2**31-1 expert_ids, got {expert_ids.numel()}")
+    # the ids of the rows, one per row or per block: expert_ids, or the index that reaches them
+    ids, name = (expert_ids, "expert_ids") if index is None else (index, "expert_ids_index")
     blocks = (rows + expert_step - 1) // expert_step
     msg = (
-        f"expert_ids must have shape input.shape[:-1] (expert_step=1) or [{blocks}] "
+        f"{name} must have shape input.shape[:-1] (expert_step=1) or [{blocks}] "
         f"(= ceil(rows / expert_step)), got {list(ids.shape)}"
     )
     # One torch._check per size: on an unbacked batch each becomes a runtime assert instead of a guard.
@@ -130,26 +141,38 @@ def _check_act_and_mul(input, out, activation, expert_ids, expert_step) -> None:
 
 
 @torch.library.register_fake("inductor_moe::act_and_mul")
-def _act_and_mul_fake(input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
-    _check_act_and_mul(input, None, activation, expert_ids, expert_step)
+def _act_and_mul_fake(
+    input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX, expert_ids_index=None
+):
+    _check_act_and_mul(input, None, activation, expert_ids, expert_step, expert_ids_index)
     return input.new_empty((*input.shape[:-1], input.shape[-1] // 2))  # contiguous, as the kernel allocates
 
 
 @torch.library.register_fake("inductor_moe::act_and_mul_out")
-def _act_and_mul_out_fake(input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
-    _check_act_and_mul(input, out, activation, expert_ids, expert_step)
+def _act_and_mul_out_fake(
+    input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX, expert_ids_index=None
+):
+    _check_act_and_mul(input, out, activation, expert_ids, expert_step, expert_ids_index)
 
 
 @torch.library.impl(_lib, "act_and_mul", "CPU")
-def _act_and_mul_cpu(input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
-    _check_act_and_mul(input, None, activation, expert_ids, expert_step)
-    return reference.act_and_mul_ref(input, activation, expert_ids, expert_step, expert_lo, expert_hi)
+def _act_and_mul_cpu(
+    input, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX, expert_ids_index=None
+):
+    _check_act_and_mul(input, None, activation, expert_ids, expert_step, expert_ids_index)
+    return reference.act_and_mul_ref(
+        input, activation, expert_ids, expert_step, expert_lo, expert_hi, expert_ids_index=expert_ids_index
+    )
 
 
 @torch.library.impl(_lib, "act_and_mul_out", "CPU")
-def _act_and_mul_out_cpu(input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX):
-    _check_act_and_mul(input, out, activation, expert_ids, expert_step)
-    reference.act_and_mul_ref(input, activation, expert_ids, expert_step, expert_lo, expert_hi, out=out)
+def _act_and_mul_out_cpu(
+    input, out, activation, expert_ids=None, expert_step=1, expert_lo=0, expert_hi=_MAX_INDEX, expert_ids_index=None
+):
+    _check_act_and_mul(input, out, activation, expert_ids, expert_step, expert_ids_index)
+    reference.act_and_mul_ref(
+        input, activation, expert_ids, expert_step, expert_lo, expert_hi, out=out, expert_ids_index=expert_ids_index
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -253,15 +276,19 @@ def _check_combine(expert_out, topk_weights, topk_ids, src_rows):
 
 
 @torch.library.register_fake("inductor_moe::moe_combine")
-def _moe_combine_fake(expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None):
+def _moe_combine_fake(
+    expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None, zero_dead_rows=False
+):
     _check_combine(expert_out, topk_weights, topk_ids, src_rows)
     return expert_out.new_empty((topk_weights.shape[0], expert_out.shape[1]))
 
 
 @torch.library.impl(_lib, "moe_combine", "CPU")
-def _moe_combine_cpu(expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None):
+def _moe_combine_cpu(
+    expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None, zero_dead_rows=False
+):
     _check_combine(expert_out, topk_weights, topk_ids, src_rows)
-    return reference.moe_combine_ref(expert_out, topk_weights, topk_ids, expert_lo, expert_hi, src_rows)
+    return reference.moe_combine_ref(expert_out, topk_weights, topk_ids, expert_lo, expert_hi, src_rows, zero_dead_rows)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -313,6 +340,7 @@ def act_and_mul(
     expert_ids: torch.Tensor | None = None,
     expert_step: int = 1,
     expert_range: tuple[int, int] | None = None,
+    expert_ids_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(input[..., :d]) * input[..., d:]`` for activation ``silu``, ``gelu`` (erf) or ``gelu_tanh``.
 
@@ -322,11 +350,16 @@ def act_and_mul(
     parallelism; with ``lo > hi`` the range wraps around: live iff ``id >= lo or id < hi``). Without ``out``
     a new tensor is returned and dead rows are zero; with ``out`` the result is written there, dead rows are
     left untouched, and ``out`` is returned.
+
+    With ``expert_ids_index`` (shaped as ``expert_ids`` would be), the ids are reached through it: row ``r``'s id
+    is ``expert_ids[expert_ids_index[r // expert_step]]`` (1-D ``expert_ids``; an index outside
+    ``[0, len(expert_ids))`` is an error). E.g. rows sorted by expert with ids kept in token order, without a
+    gathered copy of the ids.
     """
     lo, hi = _expert_bounds(expert_range)
     if out is None:
-        return _act_and_mul_op(input, activation, expert_ids, expert_step, lo, hi)
-    _act_and_mul_out_op(input, out, activation, expert_ids, expert_step, lo, hi)
+        return _act_and_mul_op(input, activation, expert_ids, expert_step, lo, hi, expert_ids_index)
+    _act_and_mul_out_op(input, out, activation, expert_ids, expert_step, lo, hi, expert_ids_index)
     return out
 
 
@@ -346,6 +379,7 @@ def moe_combine(
     topk_ids: torch.Tensor | None = None,
     expert_range: tuple[int, int] | None = None,
     src_rows: torch.Tensor | None = None,
+    zero_dead_rows: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_k live(t, k) * topk_weights[t, k] * expert_out[row(t, k)]`` accumulated in fp32, in
     expert_out's dtype: [tokens, hidden].
@@ -353,22 +387,30 @@ def moe_combine(
     ``row(t, k)`` is ``src_rows[t, k]`` when given (rows gathered from anywhere in ``expert_out``), else
     ``t * K + k`` (token-major). With ``topk_ids``, pair ``(t, k)`` is live only if
     ``lo <= topk_ids[t, k] < hi`` for ``(lo, hi) = expert_range`` (default ``(0, 2**31 - 1)``; wrapping around
-    when ``lo > hi``, as in :func:`act_and_mul`); dead pairs are not read, and a token with no live pair is zero.
+    when ``lo > hi``, as in :func:`act_and_mul`); dead pairs' rows are not read, and a token with no live pair
+    is zero. With ``zero_dead_rows`` a dead pair adds ``topk_weights[t, k] * 0``, as if its row were zeros: the
+    same sum for finite weights, NaN for a NaN or infinite one (what zeroing rows, then weighting them computes).
     """
     lo, hi = _expert_bounds(expert_range)
-    return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows)
+    return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows, zero_dead_rows)
 
 
-def silu_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+def silu_and_mul(
+    input, out=None, expert_ids=None, expert_step=1, expert_range=None, expert_ids_index=None
+) -> torch.Tensor:
     """``silu(input[..., :d]) * input[..., d:]``; see :func:`act_and_mul`."""
-    return act_and_mul("silu", input, out, expert_ids, expert_step, expert_range)
+    return act_and_mul("silu", input, out, expert_ids, expert_step, expert_range, expert_ids_index)
 
 
-def gelu_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+def gelu_and_mul(
+    input, out=None, expert_ids=None, expert_step=1, expert_range=None, expert_ids_index=None
+) -> torch.Tensor:
     """``gelu(input[..., :d]) * input[..., d:]`` with the erf GELU; see :func:`act_and_mul`."""
-    return act_and_mul("gelu", input, out, expert_ids, expert_step, expert_range)
+    return act_and_mul("gelu", input, out, expert_ids, expert_step, expert_range, expert_ids_index)
 
 
-def gelu_tanh_and_mul(input, out=None, expert_ids=None, expert_step=1, expert_range=None) -> torch.Tensor:
+def gelu_tanh_and_mul(
+    input, out=None, expert_ids=None, expert_step=1, expert_range=None, expert_ids_index=None
+) -> torch.Tensor:
     """``gelu(input[..., :d], approximate="tanh") * input[..., d:]``; see :func:`act_and_mul`."""
-    return act_and_mul("gelu_tanh", input, out, expert_ids, expert_step, expert_range)
+    return act_and_mul("gelu_tanh", input, out, expert_ids, expert_step, expert_range, expert_ids_index)

@@ -38,11 +38,26 @@ def live_ids_ref(ids: torch.Tensor, expert_lo: int = EXPERT_LO, expert_hi: int =
 
 
 def live_rows_ref(
-    expert_ids: torch.Tensor, rows: int, expert_step: int = 1, expert_lo: int = EXPERT_LO, expert_hi: int = EXPERT_HI
+    expert_ids: torch.Tensor,
+    rows: int,
+    expert_step: int = 1,
+    expert_lo: int = EXPERT_LO,
+    expert_hi: int = EXPERT_HI,
+    expert_ids_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The expert filter on rows: row r is live iff expert_ids[r // expert_step] is live. Bool [rows]."""
-    ids = expert_ids.reshape(-1)[torch.arange(rows, device=expert_ids.device) // expert_step]
-    return live_ids_ref(ids, expert_lo, expert_hi)
+    """The expert filter on rows: row r is live iff its id is live, where its id is expert_ids[r // expert_step],
+    or expert_ids[expert_ids_index[r // expert_step]] through an index (which must lie in [0, len(expert_ids)):
+    a negative index is an error, not a wrap-around). Bool [rows]."""
+    slots = torch.arange(rows, device=expert_ids.device) // expert_step
+    ids = expert_ids.reshape(-1)
+    if expert_ids_index is not None:
+        slots = expert_ids_index.reshape(-1)[slots].long()
+        bad = (slots < 0) | (slots >= ids.numel())
+        if bad.any():
+            raise IndexError(
+                f"inductor_moe: expert_ids_index holds {int(slots[bad][0])}, outside expert_ids' {ids.numel()} entries"
+            )
+    return live_ids_ref(ids[slots], expert_lo, expert_hi)
 
 
 def act_and_mul_ref(
@@ -53,17 +68,19 @@ def act_and_mul_ref(
     expert_lo: int = EXPERT_LO,
     expert_hi: int = EXPERT_HI,
     out: torch.Tensor | None = None,
+    expert_ids_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(input[..., :d]) * input[..., d:]`` computed in fp32 and rounded once to input's dtype (what
     Inductor's fused code and the kernels compute). Without ``out``, dead rows are zero; with ``out``, live
-    rows are written into it and dead rows are left as they were."""
+    rows are written into it and dead rows are left as they were. Rows' ids: see :func:`live_rows_ref`."""
     d = input.shape[-1] // 2
     acc = torch.promote_types(input.dtype, torch.float32)
     y = (activation_ref(input[..., :d].to(acc), activation) * input[..., d:].to(acc)).to(input.dtype)
     if expert_ids is None:
         live = None
     else:
-        live = live_rows_ref(expert_ids, math.prod(y.shape[:-1]), expert_step, expert_lo, expert_hi)
+        rows = math.prod(y.shape[:-1])
+        live = live_rows_ref(expert_ids, rows, expert_step, expert_lo, expert_hi, expert_ids_index)
         live = live.reshape(y.shape[:-1])
     if out is None:
         return y if live is None else torch.where(live.unsqueeze(-1), y, torch.zeros_like(y))
@@ -94,12 +111,15 @@ def moe_combine_ref(
     expert_lo: int = EXPERT_LO,
     expert_hi: int = EXPERT_HI,
     src_rows: torch.Tensor | None = None,
+    zero_dead_rows: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_k live(t, k) * w[t, k] * expert_out[row(t, k)]`` in fp32 (or wider), in expert_out's dtype.
 
     ``row(t, k)`` is ``src_rows[t, k]`` or ``t * K + k`` (token-major). ``live(t, k)`` is the expert filter on
-    ``topk_ids[t, k]`` (always true without ids). Dead pairs are not read at all, so their rows may hold
-    anything (NaN, stale data, an invalid index in ``src_rows``); a token with no live pair is zero.
+    ``topk_ids[t, k]`` (always true without ids). Dead pairs' rows are not read at all, so they may hold
+    anything (NaN, stale data, an invalid index in ``src_rows``); a token with no live pair is zero. With
+    ``zero_dead_rows`` a dead pair adds ``w[t, k] * 0`` instead of nothing: the product a zeroed row would
+    give, NaN for a NaN or infinite weight (zero otherwise).
     """
     t, k = topk_weights.shape
     rows = torch.arange(t * k, device=expert_out.device).view(t, k) if src_rows is None else src_rows.long()
@@ -108,7 +128,8 @@ def moe_combine_ref(
         live = live_ids_ref(topk_ids, expert_lo, expert_hi)
     acc = torch.promote_types(expert_out.dtype, torch.float32)
     gathered = expert_out[torch.where(live, rows, 0).reshape(-1)].view(t, k, expert_out.shape[1]).to(acc)
-    terms = torch.where(live.unsqueeze(-1), gathered * topk_weights.to(acc).unsqueeze(-1), 0.0)
+    w = topk_weights.to(acc).unsqueeze(-1)
+    terms = torch.where(live.unsqueeze(-1), gathered * w, w * 0.0 if zero_dead_rows else 0.0)
     return terms.sum(dim=1).to(expert_out.dtype)
 
 

@@ -8,6 +8,9 @@ prove the dispatch, checks and shapes) and on the GPU on the device machine (the
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -211,6 +214,56 @@ def test_filter(device, dtype, case, expert_step, convention, ids_dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("expert_step,rows,d", [(1, 37, 104), (1, 4097, 768), (64, 37 * 7, 40)])
+def test_ids_through_index(device, ids_dtype, index_dtype, expert_step, rows, d):
+    # row r's id is ids[index[r // step]]: exactly the filter of the gathered ids ids[index], in both modes
+    slots = math.ceil(rows / expert_step)
+    ids = torch.randint(-1, 3, (slots + 5,), device=device).to(ids_dtype)  # longer than the index needs
+    index = torch.randint(0, slots + 5, (slots,), device=device).to(index_dtype)  # repeats allowed
+    x = randn(rows, 2 * d, dtype=torch.bfloat16, device=device)
+    gathered = ids[index.long()]
+    live = reference.live_rows_ref(gathered, rows, expert_step)
+    poison_allocator((rows, d), torch.bfloat16, device)
+    out = im.silu_and_mul(x, expert_ids=ids, expert_step=expert_step, expert_ids_index=index)
+    assert torch.equal(out, im.silu_and_mul(x, expert_ids=gathered, expert_step=expert_step))
+    assert torch.equal(live, reference.live_rows_ref(ids, rows, expert_step, expert_ids_index=index))
+    out2 = poisoned_like(out)
+    im.silu_and_mul(x, out=out2, expert_ids=ids, expert_step=expert_step, expert_ids_index=index)
+    assert out2[~live].isnan().all() and torch.equal(out2[live], out[live])
+
+
+def test_ids_index_out_of_range_is_an_error():
+    # the reference (and so the CPU op) refuses an index outside expert_ids, negative ones included (no wrap)
+    x = randn(4, 16)
+    ids = torch.zeros(6, dtype=torch.int32)
+    for bad in (6, -1):
+        index = torch.tensor([0, 1, bad, 2])
+        with pytest.raises(IndexError, match=f"expert_ids_index holds {bad}, outside expert_ids' 6 entries"):
+            im.silu_and_mul(x, expert_ids=ids, expert_ids_index=index)
+
+
+@pytest.mark.cuda
+def test_ids_index_out_of_range_is_a_device_error():
+    # checked by the kernel (the host cannot without a sync): it reports and traps, poisoning the context,
+    # so this runs in a child process
+    script = textwrap.dedent(
+        """
+        import torch, inductor_moe as im
+        x = torch.randn(8, 64, device="cuda")
+        index = torch.arange(8, device="cuda")
+        index[5] = -3
+        im.silu_and_mul(x, expert_ids=torch.zeros(8, dtype=torch.int32, device="cuda"), expert_ids_index=index)
+        torch.cuda.synchronize()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "expert_ids_index[5] = -3 is outside expert_ids' 8 entries" in result.stdout
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_filter_local_expert_range(device):
     # expert parallelism: this rank owns experts [16, 32) of 128; everything else is dead
     x = randn(500, 2 * 48, dtype=torch.bfloat16, device=device)
@@ -298,6 +351,27 @@ def _bad_cases(device):
             "expert_ids must be contiguous",
         ),
         ("expert_step", lambda: im.silu_and_mul(x, expert_ids=ids, expert_step=0), "expert_step must be >= 1"),
+        ("index alone", lambda: im.silu_and_mul(x, expert_ids_index=ids), "expert_ids_index needs expert_ids"),
+        (
+            "index dtype",
+            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids.float()),
+            "expert_ids_index must be int32 or int64",
+        ),
+        (
+            "index device",
+            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids.to(other)),
+            "expert_ids_index must be on",
+        ),
+        (
+            "index shape",
+            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids[:3]),
+            r"expert_ids_index must have shape input.shape\[:-1\]",
+        ),
+        (
+            "ids 2d with index",
+            lambda: im.silu_and_mul(x, expert_ids=ids.view(2, 2), expert_ids_index=ids),
+            "with expert_ids_index, expert_ids must be 1-D",
+        ),
     ]
 
 
@@ -334,6 +408,12 @@ def test_opcheck(device, filtered):
     blocks = torch.tensor([1, -1], device=device)
     x2 = randn(100, 2 * 8, device=device)
     torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x2, "gelu_tanh", blocks, 64, 0, 8))
+    if filtered:  # ids through an index
+        index = torch.randint(0, 15, (3, 5), device=device)
+        flat = ids.view(-1)
+        torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x, "silu", flat, 1, 0, 8, index))
+        args = (x, out, "gelu", flat, 1, 0, 8, index.int())
+        torch.library.opcheck(torch.ops.inductor_moe.act_and_mul_out.default, args)
 
 
 def test_fake_symbolic_shapes():

@@ -125,6 +125,34 @@ def test_live_pair_of_weight_zero_still_reads_its_row(device, filtered):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows_dtype", [None, torch.int64])
+@pytest.mark.parametrize("tokens,k,h", [(1, 8, 8), (37, 8, 100), (7, 66, 36)])  # K past one 64-pair stage
+def test_zero_dead_rows(device, rows_dtype, tokens, k, h):
+    # A dead pair adds w * 0: the same sum as skipping it (bit for bit) for finite weights of either sign, NaN
+    # for a NaN or infinite weight; its row is still never read (NaN there).
+    eo, w, ids, src_rows = make_case(tokens, k, h, torch.bfloat16, torch.float32, torch.int32, rows_dtype, device)
+    w = w - 0.5  # negative weights too: w * 0 is -0 there, which must not change the sum
+    skipped = im.moe_combine(eo, w, ids, (0, 8), src_rows)
+    zeroed = im.moe_combine(eo, w, ids, (0, 8), src_rows, zero_dead_rows=True)
+    assert torch.equal(zeroed, skipped) and not zeroed.isnan().any()
+    assert torch.equal(zeroed.view(torch.int16), skipped.view(torch.int16))  # +0 stays +0
+    dead = ids < 0
+    poisoned = torch.where(
+        dead,
+        torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)[
+            torch.arange(tokens * k, device=device).view(tokens, k) % 3
+        ],
+        w,
+    )
+    hit = dead.any(1)  # tokens with a dead pair, now of non-finite weight
+    out = im.moe_combine(eo, poisoned, ids, (0, 8), src_rows, zero_dead_rows=True)
+    ref = reference.moe_combine_ref(eo, poisoned, ids, 0, 8, src_rows, zero_dead_rows=True)
+    assert out[hit].isnan().all() and ref[hit].isnan().all()
+    assert torch.equal(out[~hit], skipped[~hit])
+    assert not im.moe_combine(eo, poisoned, ids, (0, 8), src_rows)[~hit].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("lo,hi", FILTER_RANGES)
 def test_filter_range_edges(device, ids_dtype, lo, hi):
@@ -180,6 +208,7 @@ def test_opcheck(device):
         eo, w, ids, rows = make_case(6, 4, 24, torch.bfloat16, torch.float32, ids_dtype, rows_dtype, device)
         eo = eo.nan_to_num()  # opcheck compares eager runs with each other; NaN != NaN
         torch.library.opcheck(torch.ops.inductor_moe.moe_combine.default, (eo, w, ids, 0, 8, rows))
+        torch.library.opcheck(torch.ops.inductor_moe.moe_combine.default, (eo, w, ids, 0, 8, rows, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -17,12 +17,23 @@ from inductor_moe.kernels import jit
 
 ELF_MAGIC = b"\x7fELF"
 
+
+def _widths(dtype: int) -> tuple[int, ...]:
+    """Access widths in elements the host asks for: one element, 4, and 8 (16 bytes) for half types."""
+    return (1, 4) if dtype == 0 else (1, 4, 8)
+
+
 # Every act_and_mul variant csrc/act_and_mul.cpp can ask for: dtype code (fp32, fp16, bf16) x activation x filter
-# (none, int32 ids, int64 ids) x access width (one element, or 16 bytes = 4 fp32 / 8 half elements).
+# (none, int32 ids, int64 ids) x access width; and the ids reached through an index (int32, int64), whose code
+# path does not depend on the activation, with one activation.
 ACT_AND_MUL_VARIANTS = [
-    dict(IM_DTYPE=dtype, IM_ACT=act, IM_FILTER=filt, IM_VEC=vec)
+    dict(IM_DTYPE=dtype, IM_ACT=act, IM_FILTER=filt, IM_INDEX=0, IM_VEC=vec)
     for dtype, act, filt in itertools.product(range(3), range(3), range(3))
-    for vec in (1, 4 if dtype == 0 else 8)
+    for vec in _widths(dtype)
+] + [
+    dict(IM_DTYPE=dtype, IM_ACT=0, IM_FILTER=filt, IM_INDEX=index, IM_VEC=vec)
+    for dtype, filt, index in itertools.product(range(3), (1, 2), (1, 2))
+    for vec in _widths(dtype)
 ]
 
 
@@ -31,7 +42,7 @@ ACT_AND_MUL_VARIANTS = [
 COMBINE_VARIANTS = [
     dict(IM_DTYPE=dtype, IM_WDTYPE=wdtype, IM_FILTER=filt, IM_ROWS=rows, IM_VEC=vec)
     for dtype, wdtype, filt, rows in itertools.product(range(3), range(3), range(3), range(3))
-    for vec in (1, 4 if dtype == 0 else 8)
+    for vec in _widths(dtype)
 ]
 
 VARIANTS = {"act_and_mul": ACT_AND_MUL_VARIANTS, "combine": COMBINE_VARIANTS}
@@ -106,7 +117,8 @@ def test_concurrent_processes_share_the_cache(cache):
     script = textwrap.dedent(
         """
         from inductor_moe.kernels import jit
-        print(jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_ACT=1, IM_FILTER=1, IM_VEC=8), "sm_90a"))
+        variant = dict(IM_DTYPE=2, IM_ACT=1, IM_FILTER=1, IM_INDEX=0, IM_VEC=8)
+        print(jit.compile_variant("act_and_mul", variant, "sm_90a"))
         """
     )
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(4)]
@@ -132,7 +144,7 @@ def test_compile_error_is_reported_with_log(cache):
     with pytest.raises(
         RuntimeError, match=r"(?s)compiling act_and_mul with .*-arch=sm_90a.*identifier \"IM_ACT\" is undefined"
     ):
-        jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_FILTER=0, IM_VEC=8), "sm_90a")
+        jit.compile_variant("act_and_mul", dict(IM_DTYPE=2, IM_FILTER=0, IM_INDEX=0, IM_VEC=8), "sm_90a")
 
 
 def test_missing_nvrtc_is_a_clear_error(monkeypatch):

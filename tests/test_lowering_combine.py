@@ -138,3 +138,103 @@ def test_masked_terms_become_the_filter(case, ids_dtype):
     # eager rounds each product to bf16 (bf16 weights) or sums in another order: a few ulps over 7 terms
     tol = TOL[torch.bfloat16]["rtol"]
     torch.testing.assert_close(out, fn(eo, w, ids), rtol=4 * tol, atol=4 * tol)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Rows gathered back to token order (grouped-GEMM MoE blocks)
+
+
+def grouped_tail(y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order)):
+    """The tail of examples/moe_blocks.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
+    experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k."""
+    local = ids - lo
+    sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
+    order = torch.argsort(sentinel, stable=True)
+    remote = sentinel[order] == num_local
+    back = torch.where(remote[:, None], 0, y)[inverse(order)]
+    return (back.view(*w.shape, -1) * w[..., None]).sum(1).to(y.dtype)
+
+
+def grouped_case(tokens=6, k=4, hidden=24, lo=3, num_local=4):
+    ids = torch.stack([torch.randperm(12)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k)
+    local = ids - lo
+    remote = ((local < 0) | (local >= num_local)).view(-1)
+    y = randn(tokens * k, hidden, dtype=torch.bfloat16)
+    # the sorted layout puts remote rows last, where a grouped GEMM writes nothing: NaN there must not show
+    y[len(y) - int(remote.sum()) :] = float("nan")
+    return y, w, ids, remote.view(tokens, k)
+
+
+def test_gathered_masked_rows_become_src_rows_and_filter():
+    torch.manual_seed(0)
+    y, w, ids, remote = grouped_case()
+    assert remote.any() and (~remote).any()
+    out, report = compile_rewrite(grouped_tail, y, w, ids, 3, 4)
+    assert families(report) == ["combine"], report
+    graph = report.graphs[-1]
+    # y read through the inverse permutation, the sentinel ids as the pairs' filter (live iff id != 4: the
+    # wrapped range (5, 4)), dead pairs adding w * 0; neither gather nor the rows' where is left
+    assert re.search(r"inductor_moe\.moe_combine\(in\d, in\d, v\d+, 5, 4, v\d+, True\)", graph), graph
+    assert "aten.index(" not in graph and graph.count("aten.where(") == 1, graph
+    assert not out.isnan().any()
+    # the same pairs dropped (the remote ones), the rest the op's sum over the rows put back in order
+    local = ids - 3
+    sentinel = torch.where((local >= 0) & (local < 4), local, 4).view(-1)
+    inverse = torch.argsort(torch.argsort(sentinel, stable=True)).view(w.shape)
+    expected = reference.moe_combine_ref(y, w, torch.where(remote, -1, 0), src_rows=inverse)
+    assert torch.equal(out, expected)
+    tol = TOL[torch.bfloat16]["rtol"]
+    torch.testing.assert_close(out, grouped_tail(y.nan_to_num(), w, ids, 3, 4), rtol=4 * tol, atol=4 * tol)
+
+
+def test_gathered_masked_rows_keep_nan_weights():
+    # the spelling multiplies a zeroed row by its weight: a NaN or inf weight of a remote pair gives NaN, which
+    # the rewrite keeps (zero_dead_rows), while a finite one changes nothing
+    torch.manual_seed(1)
+    y, w, ids, remote = grouped_case()
+    t_nan, t_inf = [int(t) for t in remote.any(1).nonzero()[:2, 0]]
+    w[t_nan][remote[t_nan]] = float("nan")
+    w[t_inf][remote[t_inf]] = float("inf")
+    out, report = compile_rewrite(grouped_tail, y, w, ids, 3, 4)
+    assert families(report) == ["combine"], report
+    eager = grouped_tail(y.nan_to_num(), w, ids, 3, 4)
+    assert out[t_nan].isnan().all() and out[t_inf].isnan().all()
+    assert eager[t_nan].isnan().all() and eager[t_inf].isnan().all()
+    finite = torch.ones(len(w), dtype=torch.bool)
+    finite[[t_nan, t_inf]] = False
+    assert not out[finite].isnan().any()
+
+
+def test_gathered_rows_without_a_provable_inverse():
+    # argsort(order, descending) is a permutation (so a gather through src_rows), but not order's inverse: the
+    # rows' mask is no longer the pairs' and stays a where, read as it is
+    torch.manual_seed(2)
+    y, w, ids, _ = grouped_case()
+    y = y.nan_to_num()
+
+    def descending(order):
+        return torch.argsort(order, descending=True)
+
+    out, report = compile_rewrite(lambda *a: grouped_tail(*a, inverse=descending), y, w, ids, 3, 4)
+    assert families(report) == ["combine"], report
+    graph = report.graphs[-1]
+    assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d, None, 0, 2147483647, v\d+\)", graph), graph
+    assert "aten.where(" in graph
+    eager = grouped_tail(y, w, ids, 3, 4, inverse=descending)
+    tol = TOL[torch.bfloat16]["rtol"]
+    torch.testing.assert_close(out, eager, rtol=4 * tol, atol=4 * tol)
+
+
+def test_rows_gathered_by_any_index_are_materialised():
+    # an arbitrary index may be negative (it wraps around) or repeat: only a sort's indices become src_rows
+    y, w = randn(12, 16, dtype=torch.bfloat16), torch.rand(3, 4)
+    index = torch.tensor([3, -1, 0, 5, 5, 2, 7, 1, 11, -12, 4, 6])
+
+    def fn(y, w, index):
+        return (y[index].view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
+
+    out, report = compile_rewrite(fn, y, w, index)
+    assert families(report) == ["combine"], report
+    assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d\)", report.graphs[-1]), report.graphs[-1]
+    assert torch.equal(out, reference.moe_combine_ref(y[index], w))

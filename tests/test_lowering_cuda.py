@@ -1,9 +1,10 @@
 """The lowerings on the GPU (device machine): a compiled MoE-style function with every family runs our
 kernels (the generated code calls the ops), matches eager within the documented rounding, and works under
-mode="reduce-overhead" (CUDA graphs)."""
+mode="reduce-overhead" (CUDA graphs); a grouped-GEMM MoE block's ops read its sorted rows through the sort."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from inductor_moe import reference
 from helpers import TOL, randn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from moe_blocks import moe_tail  # noqa: E402
+from moe_blocks import GroupedMoE, moe_tail  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -73,3 +74,30 @@ def test_compiled_filtered_combine_skips_dead_rows():
     assert "torch.ops.inductor_moe.moe_combine.default" in "\n".join(code)
     assert not out.isnan().any()
     torch.testing.assert_close(out, reference.moe_combine_ref(expert_out, w, ids), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_compiled_grouped_block_reads_through_the_sort(tokens):
+    # examples/moe_blocks.py's GroupedMoE with a local range: the activation's ids and the combine's rows are
+    # both gathers by the expert sort, which the ops take as expert_ids_index and src_rows (no gathered copies);
+    # the grouped GEMM leaves the remote rows unwritten, which must never reach the result
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    experts, hidden, inter, k = 16, 64, 48, 4
+    w13 = (torch.randn(8, 2 * inter, hidden, device="cuda") / 8).bfloat16()
+    w2 = (torch.randn(8, hidden, inter, device="cuda") / 7).bfloat16()
+    block = GroupedMoE(w13, w2, k, (4, 12)).cuda()
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    logits = torch.randn(tokens, experts, device="cuda")
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(block, backend="inductor_moe", dynamic=True), x, logits)
+        eager = block(x, logits)
+    code = "\n".join(code)
+    act = re.search(r"inductor_moe\.act_and_mul\.default\((.*)\)", code).group(1)
+    assert len(act.split(",")) == 7, act  # input, 'silu', ids, step, lo, hi and the index
+    combine = re.search(r"inductor_moe\.moe_combine\.default\((.*)\)", code).group(1)
+    assert len(combine.split(",")) == 7 and combine.replace(" ", "").endswith("True"), combine  # zero_dead_rows
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)

@@ -161,6 +161,42 @@ def test_per_block_ids(block):
     assert torch.equal(out, reference.act_and_mul_ref(x, "silu", ids, block, 0, -1))
 
 
+@pytest.mark.parametrize("descending", [False, True])
+def test_ids_of_sorted_rows_read_through_the_sort(descending):
+    # a grouped-GEMM block's rows are sorted by expert: the mask is over ids gathered by the sort's indices,
+    # which the op reads through the index (a permutation: never negative, never out of range)
+    torch.manual_seed(0)
+    ids = torch.randint(-1, 6, (37,))
+    x = randn(37, 2 * 24, dtype=torch.bfloat16)
+
+    def fn(x, ids):
+        order = torch.argsort(ids, descending=descending)
+        return torch.where((ids[order] == -1)[:, None], 0, _y(x))
+
+    out, report = compile_rewrite(fn, x, ids)
+    assert families(report) == ["gated_act", "gated_act"], report
+    graph = report.graphs[-1]
+    assert re.search(r"act_and_mul\(in\d, 'silu', in\d, 1, 0, -1, v\d+\)", graph) and "aten.index(" not in graph, graph
+    order = torch.argsort(ids, descending=descending)
+    assert torch.equal(out, reference.act_and_mul_ref(x, "silu", ids[order], 1, 0, -1))
+    assert torch.equal(out, reference.act_and_mul_ref(x, "silu", ids, 1, 0, -1, expert_ids_index=order))
+
+
+def test_ids_gathered_by_any_index_stay_gathered():
+    # an arbitrary index may wrap around (negative) where the op's index may not: the gathered ids are passed
+    ids = torch.randint(-1, 6, (8,))
+    index = torch.tensor([0, -1, 3, 3, 7, -8, 2, 5])
+    x = randn(8, 2 * 16, dtype=torch.bfloat16)
+
+    def fn(x, ids, index):
+        return torch.where((ids[index] == -1)[:, None], 0, _y(x))
+
+    out, report = compile_rewrite(fn, x, ids, index)
+    assert families(report) == ["gated_act", "gated_act"], report
+    assert re.search(r"act_and_mul\(in\d, 'silu', v\d+, 1, 0, -1\)", report.graphs[-1]), report.graphs[-1]
+    assert torch.equal(out, reference.act_and_mul_ref(x, "silu", ids[index], 1, 0, -1))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Near misses: not rewritten (or the mask not folded), with the reason recorded; results still right
 

@@ -14,9 +14,19 @@ rounds every product first, and bmm accumulates in its own order. A result that 
 half-precision expert_out, no cast back) is not rewritten: the op returns expert_out's dtype.
 A mask on the weights (``w * live`` or ``where(dead, 0, w)``) stays what it is, the op's weights: the masked
 pairs are still read, as the spelling reads them (0 * NaN is NaN).
+
+Gathered rows: when expert_out is ``y[inv]`` with ``inv`` the indices of a sort (so a permutation of its rows,
+never negative: an arbitrary index could wrap around, which src_rows does not), the op reads ``y`` through
+``src_rows = inv`` instead of a materialised copy. If ``y`` is itself ``where(remote[:, None], 0, y0)`` with
+``remote`` a mask of ids ``s[perm]`` and ``inv = argsort(perm)`` for a permutation ``perm`` (rows sorted by
+expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's row is masked exactly when
+``s[perm[inv[j]]] = s[j]`` is, so ``s`` becomes the op's per-pair filter with ``zero_dead_rows``: a masked
+pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
@@ -94,7 +104,7 @@ def register(arithmetic: PatternMatcherPass) -> None:
         mask = [torch.zeros(2, 4, 1, dtype=torch.bool), torch.zeros((), dtype=torch.promote_types(eo_dtype, w_dtype))]
         for spelling, fn in SPELLINGS.items():
             if not (spelling.startswith(("bmm", "einsum")) and eo_dtype != w_dtype):  # bmm needs one dtype
-                add(spelling, fn, example, _check, _replace)
+                add(spelling, fn, example, _check_unfiltered, _replace)
         for spelling, (live_when_true, fn) in FILTERED_SPELLINGS.items():
             add(spelling, fn, example + mask, _check_filtered(live_when_true), _replace_filtered)
             add(
@@ -147,8 +157,88 @@ def _check(match: Match) -> bool | str:
     return True
 
 
-def _replace(match: Match, proof: bool):
-    return OP, [match.kwargs["expert_out"], match.kwargs["topk_weights"]]
+@dataclasses.dataclass(frozen=True)
+class _Gathered:
+    """expert_out is rows[src_rows]; with a filter, rows was where(mask, 0, y) and is y here."""
+
+    rows: torch.fx.Node
+    src_rows: torch.fx.Node
+    filter: expert_mask.ExpertFilter | None
+
+
+def _check_unfiltered(match: Match) -> _Gathered | bool | str:
+    proof = _check(match)
+    if proof is not True:
+        return proof
+    w = matching.val(match.kwargs["topk_weights"])
+    return _gathered(match.kwargs["expert_out"], w.shape[0] * w.shape[1]) or True
+
+
+def _gathered(eo_node: torch.fx.Node, pairs) -> _Gathered | None:
+    """expert_out as rows gathered by a permutation (see the module docstring), or None."""
+    if eo_node.target is not aten.index.Tensor or len(eo_node.users) != 1:
+        return None
+    rows, indices = eo_node.args
+    if len(indices) != 1 or matching.sort_indices(indices[0]) is None:
+        return None
+    inv = indices[0]
+    if matching.val(rows).dim() != 2 or not matching.known(matching.val(inv).shape[0] == pairs):
+        return None
+    folded = _masked_rows(rows, inv, pairs)
+    if folded and _rows_layout_ok(folded[0]):
+        return _Gathered(folded[0], inv, folded[1])
+    return _Gathered(rows, inv, None) if _rows_layout_ok(rows) else None
+
+
+def _rows_layout_ok(node: torch.fx.Node) -> bool:
+    v = matching.val(node)
+    return matching.known(v.shape[1] <= 1) or matching.known(v.stride(1) == 1)
+
+
+def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
+    """(y, filter over pairs) if rows = where(mask of s[perm] per row, 0, y) and inv = argsort(perm), else None."""
+    if rows.target is not aten.where.self or len(rows.users) != 1:
+        return None
+    cond, a, b = rows.args
+    if matching.is_plus_zero(matching.scalar_constant(a)):
+        y, live_when_true = b, False
+    elif matching.is_plus_zero(matching.scalar_constant(b)):
+        y, live_when_true = a, True
+    else:
+        return None
+    yv, rv = matching.val(y), matching.val(rows)
+    if not (isinstance(yv, torch.Tensor) and yv.dtype == rv.dtype and list(yv.shape) == list(rv.shape)):
+        return None
+    f = expert_mask.expert_filter(cond, [rv.shape[0]], live_when_true)
+    if isinstance(f, str) or f.step != 1:
+        return None
+    # f.ids must be s[perm] with perm a permutation whose ascending argsort is inv: then row inv[j] is s[j]'s
+    indexed = expert_mask.through_index(f.ids)
+    if indexed is None:
+        return None
+    s_node, perm = indexed
+    if matching.sort_indices(inv) != (perm, False):
+        return None
+    if not (
+        matching.known(matching.val(s_node).shape[0] == pairs) and matching.known(matching.val(perm).shape[0] == pairs)
+    ):
+        return None
+    return y, expert_mask.ExpertFilter(s_node, 1, f.lo, f.hi)
+
+
+def _replace(match: Match, proof: _Gathered | bool):
+    eo, w = match.kwargs["expert_out"], match.kwargs["topk_weights"]
+    if proof is True:
+        return OP, [eo, w]
+    f = proof.filter
+    if f is None:
+        return (lambda rows, w, inv: OP(rows, w, src_rows=inv.reshape(w.shape))), [proof.rows, w, proof.src_rows]
+    return (lambda rows, w, inv, ids: OP(rows, w, ids.reshape(w.shape), f.lo, f.hi, inv.reshape(w.shape), True)), [
+        proof.rows,
+        w,
+        proof.src_rows,
+        f.ids,
+    ]
 
 
 def _check_filtered(live_when_true: bool):

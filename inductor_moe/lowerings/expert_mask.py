@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from . import matching
 from .matching import known, val
 
 aten = torch.ops.aten
@@ -70,6 +71,22 @@ def expert_filter(mask: torch.fx.Node, rows_shape: list, live_when_true: bool) -
     if isinstance(bounds, str):
         return bounds
     return ExpertFilter(ids, step, *bounds)
+
+
+def through_index(ids: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(s, perm) if ``ids`` is ``s[perm]`` for a 1-D ``s`` and ``perm`` the indices of a sort (so every index is in
+    range and none wraps around): the ops then read ``s`` through ``perm`` instead of a gathered copy."""
+    if ids.target is not aten.index.Tensor or len(ids.args[1]) != 1:
+        return None
+    s, (perm,) = ids.args
+    if matching.sort_indices(perm) is None:
+        return None
+    sv = val(s)
+    if not (isinstance(sv, torch.Tensor) and sv.dim() == 1 and sv.is_contiguous()):
+        return None
+    if not (known(val(perm).shape[0] <= sv.shape[0])):
+        return None
+    return s, perm
 
 
 class _Eval:

@@ -172,7 +172,14 @@ def _filter_of(match: Match, live_when_true: bool, on_input: bool) -> expert_mas
 
 def _replace_filter(match: Match, f: expert_mask.ExpertFilter):
     activation = _op_node(match).args[1]
-    return (lambda x, ids: OP(x, activation, ids, f.step, f.lo, f.hi)), [match.kwargs["x"], f.ids]
+    indexed = expert_mask.through_index(f.ids)
+    if indexed is None:
+        return (lambda x, ids: OP(x, activation, ids, f.step, f.lo, f.hi)), [match.kwargs["x"], f.ids]
+    # ids gathered by a permutation (rows sorted by expert): read through it, no gathered copy
+    return (lambda x, ids, index: OP(x, activation, ids, f.step, f.lo, f.hi, expert_ids_index=index)), [
+        match.kwargs["x"],
+        *indexed,
+    ]
 
 
 def _mask_product(match: Match) -> str:

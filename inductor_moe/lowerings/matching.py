@@ -148,6 +148,26 @@ def is_plus_zero(value) -> bool:
     return value is not None and value == 0 and math.copysign(1.0, value) > 0
 
 
+def sort_indices(node) -> tuple[torch.fx.Node, bool] | None:
+    """(x, descending) if ``node`` is the indices of a sort (``sort``/``argsort`` after decomposition) of the 1-D
+    ``x``: then its values are a permutation of range(len(x)), never negative nor out of range."""
+    import operator
+
+    if not (isinstance(node, torch.fx.Node) and node.target is operator.getitem and node.args[1] == 1):
+        return None
+    sort = node.args[0]
+    if not isinstance(sort, torch.fx.Node) or sort.target not in (aten.sort.default, aten.sort.stable):
+        return None
+    x = sort.args[0]
+    if not isinstance(val(x), torch.Tensor) or val(x).dim() != 1:
+        return None
+    if sort.target is aten.sort.default:
+        descending = sort.args[2] if len(sort.args) > 2 else sort.kwargs.get("descending", False)
+    else:
+        descending = sort.kwargs.get("descending", False)
+    return x, bool(descending)
+
+
 def known(cond) -> bool:
     """True only if ``cond`` (an expression of possibly symbolic sizes) holds for every size the graph serves;
     never adds a guard, so a proof never specialises the compiled graph."""

@@ -55,9 +55,24 @@ void check_layout(const char* name, const at::Tensor& t) {
                   t.strides()));
 }
 
-// Validates every argument, returns the variant's filter code (0 none, 1 int32 ids, 2 int64 ids).
-int check_args(const at::Tensor& input, const at::Tensor* out, const std::optional<at::Tensor>& expert_ids,
-               int64_t expert_step) {
+// The filter's variant codes: ids (0 none, 1 int32, 2 int64) and the index that reaches them (same codes).
+struct FilterCodes {
+  int ids = 0;
+  int index = 0;
+};
+
+// Checks an index-typed argument (expert_ids, expert_ids_index): int32/int64, on input's device, contiguous.
+void check_index_tensor(const char* name, const at::Tensor& t, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong,
+              cat("inductor_moe.act_and_mul: ", name, " must be int32 or int64, got ", t.scalar_type()));
+  TORCH_CHECK(t.device() == input.device(),
+              cat("inductor_moe.act_and_mul: ", name, " must be on ", input.device(), ", got ", t.device()));
+  TORCH_CHECK(t.is_contiguous(), cat("inductor_moe.act_and_mul: ", name, " must be contiguous"));
+}
+
+// Validates every argument, returns the variant's filter codes.
+FilterCodes check_args(const at::Tensor& input, const at::Tensor* out, const std::optional<at::Tensor>& expert_ids,
+                       int64_t expert_step, const std::optional<at::Tensor>& index) {
   TORCH_CHECK(input.dim() >= 1, cat("inductor_moe.act_and_mul: input must have at least one dim"));
   TORCH_CHECK(
       dtype_code(input.scalar_type()) >= 0,
@@ -83,29 +98,38 @@ int check_args(const at::Tensor& input, const at::Tensor* out, const std::option
     check_layout("out", *out);
   }
   TORCH_CHECK(expert_step >= 1, cat("inductor_moe.act_and_mul: expert_step must be >= 1, got ", expert_step));
-  if (!expert_ids.has_value()) return 0;
-  const at::Tensor& ids = *expert_ids;
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong,
-              cat("inductor_moe.act_and_mul: expert_ids must be int32 or int64, got ", ids.scalar_type()));
-  TORCH_CHECK(ids.device() == input.device(),
-              cat("inductor_moe.act_and_mul: expert_ids must be on ", input.device(), ", got ", ids.device()));
-  TORCH_CHECK(ids.is_contiguous(), cat("inductor_moe.act_and_mul: expert_ids must be contiguous"));
+  if (!expert_ids.has_value()) {
+    TORCH_CHECK(!index.has_value(), cat("inductor_moe.act_and_mul: expert_ids_index needs expert_ids"));
+    return {};
+  }
+  check_index_tensor("expert_ids", *expert_ids, input);
+  if (index.has_value()) {
+    check_index_tensor("expert_ids_index", *index, input);
+    TORCH_CHECK(
+        expert_ids->dim() == 1,
+        cat("inductor_moe.act_and_mul: with expert_ids_index, expert_ids must be 1-D, got ", expert_ids->sizes()));
+    TORCH_CHECK(expert_ids->numel() <= kMaxIndex,
+                cat("inductor_moe.act_and_mul: at most 2**31-1 expert_ids, got ", expert_ids->numel()));
+  }
+  // the ids of the rows, one per row or per block: expert_ids, or the index that reaches them
+  const at::Tensor& ids = index.has_value() ? *index : *expert_ids;
+  const char* name = index.has_value() ? "expert_ids_index" : "expert_ids";
   const int64_t blocks = (rows + expert_step - 1) / expert_step;
   const bool per_row_shape =
       expert_step == 1 && ids.dim() == input.dim() - 1 && ids.sizes() == input.sizes().slice(0, input.dim() - 1);
   const bool per_block_shape =
       !(expert_step == 1 && ids.dim() == input.dim() - 1) && ids.dim() == 1 && ids.size(0) == blocks;
   TORCH_CHECK(per_row_shape || per_block_shape,
-              cat("inductor_moe.act_and_mul: expert_ids must have shape input.shape[:-1] (expert_step=1) or [", blocks,
+              cat("inductor_moe.act_and_mul: ", name, " must have shape input.shape[:-1] (expert_step=1) or [", blocks,
                   "] (= ceil(rows / expert_step)), got ", ids.sizes()));
-  return index_code(ids.scalar_type());
+  return {index_code(expert_ids->scalar_type()), index.has_value() ? index_code(index->scalar_type()) : 0};
 }
 
 constexpr uint32_t kActAndMulFamily = 0;
 
-void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act, int filter,
+void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act, FilterCodes codes,
                         const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
-                        int64_t expert_hi, bool zero_dead) {
+                        int64_t expert_hi, const std::optional<at::Tensor>& index, bool zero_dead) {
   const int64_t two_d = input.size(-1);
   const int64_t d = two_d / 2;
   const int64_t rows = two_d == 0 ? 0 : input.numel() / two_d;
@@ -113,6 +137,7 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const int64_t in_stride = flat_row_stride(input);
   const int64_t out_stride = flat_row_stride(out);
   const int dtype = dtype_code(input.scalar_type());
+  const int filter = codes.ids;
 
   // Filtered rows of at most 2048 elements get one warp each, eight rows a block, so dead rows cost a block per
   // 8 instead of per 1-3. H100, bf16 untouched mode, dead rows sorted last as the runner sorts them: 32768x768
@@ -152,6 +177,8 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.input = input.data_ptr();
   p.out = out.data_ptr();
   p.expert_ids = expert_ids.has_value() ? expert_ids->data_ptr() : nullptr;
+  p.expert_ids_index = index.has_value() ? index->data_ptr() : nullptr;
+  p.num_ids = expert_ids.has_value() ? expert_ids->numel() : 0;
   p.rows = rows;
   p.in_row_stride = in_stride;
   p.out_row_stride = out_stride;
@@ -162,7 +189,11 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.zero_dead = zero_dead ? 1 : 0;
   void* args[] = {&p};
   launch_kernel(input.device(), kActAndMulFamily, "act_and_mul",
-                {{"IM_DTYPE", dtype, 2}, {"IM_ACT", act, 2}, {"IM_FILTER", filter, 2}, {"IM_VEC", vec, 4}},
+                {{"IM_DTYPE", dtype, 2},
+                 {"IM_ACT", act, 2},
+                 {"IM_FILTER", filter, 2},
+                 {"IM_INDEX", codes.index, 2},
+                 {"IM_VEC", vec, 4}},
                 Dim3{static_cast<unsigned>(row_blocks), static_cast<unsigned>(chunks)},
                 Dim3{static_cast<unsigned>(tx), static_cast<unsigned>(ty)}, args);
 }
@@ -171,22 +202,24 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
 
 at::Tensor act_and_mul_cuda(const at::Tensor& input, c10::string_view activation,
                             const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
-                            int64_t expert_hi) {
+                            int64_t expert_hi, const std::optional<at::Tensor>& expert_ids_index) {
   const int act = activation_code(activation);
-  const int filter = check_args(input, nullptr, expert_ids, expert_step);
+  const FilterCodes codes = check_args(input, nullptr, expert_ids, expert_step, expert_ids_index);
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() /= 2;
   at::Tensor out = input.new_empty(shape);  // a Tensor method: no ATen/ops header (~3 s of g++ time)
-  act_and_mul_launch(input, out, act, filter, expert_ids, expert_step, expert_lo, expert_hi, /*zero_dead=*/true);
+  act_and_mul_launch(input, out, act, codes, expert_ids, expert_step, expert_lo, expert_hi, expert_ids_index,
+                     /*zero_dead=*/true);
   return out;
 }
 
 void act_and_mul_out_cuda(const at::Tensor& input, const at::Tensor& out, c10::string_view activation,
                           const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
-                          int64_t expert_hi) {
+                          int64_t expert_hi, const std::optional<at::Tensor>& expert_ids_index) {
   const int act = activation_code(activation);
-  const int filter = check_args(input, &out, expert_ids, expert_step);
-  act_and_mul_launch(input, out, act, filter, expert_ids, expert_step, expert_lo, expert_hi, /*zero_dead=*/false);
+  const FilterCodes codes = check_args(input, &out, expert_ids, expert_step, expert_ids_index);
+  act_and_mul_launch(input, out, act, codes, expert_ids, expert_step, expert_lo, expert_hi, expert_ids_index,
+                     /*zero_dead=*/false);
 }
 
 }  // namespace inductor_moe

@@ -1,6 +1,6 @@
 // Gated activation: out[r, :] = act(input[r, :d]) * input[r, d:], with the optional expert filter.
 // One templated body; kernels/jit.py compiles one variant per (dtype, activation, filter, vector width),
-// choosing them with -DIM_DTYPE/-DIM_ACT/-DIM_FILTER/-DIM_VEC, and the host glue launches the entry point
+// choosing them with -DIM_DTYPE/-DIM_ACT/-DIM_FILTER/-DIM_INDEX/-DIM_VEC, and the host glue launches the entry point
 // inductor_moe_kernel.
 //
 // Block: threadIdx.x walks the columns of a row, threadIdx.y picks one of blockDim.y rows. Grid: x covers
@@ -40,15 +40,34 @@ __device__ __forceinline__ P act_and_mul_pack(const P& gate, const P& up) {
   return out;
 }
 
-template <int DTYPE, int ACT, int FILTER, int VEC>
+// Whether `row` is live: its id is expert_ids[row / step], or expert_ids[index[row / step]] through the index
+// (INDEX: 0 none, 1 int32, 2 int64), which must lie in [0, num_ids).
+template <int FILTER, int INDEX>
+__device__ __forceinline__ bool act_row_is_live(const ActAndMulParams& p, long long row) {
+  if constexpr (FILTER == 0 || INDEX == 0) {
+    return row_is_live<FILTER>(p.expert_ids, row, p.expert_step, p.expert_lo, p.expert_hi);
+  } else {
+    const long long slot = row / p.expert_step;
+    const long long at = INDEX == 1 ? static_cast<long long>(static_cast<const int*>(p.expert_ids_index)[slot])
+                                    : static_cast<const long long*>(p.expert_ids_index)[slot];
+    if (at < 0 || at >= p.num_ids) {
+      printf("inductor_moe.act_and_mul: expert_ids_index[%lld] = %lld is outside expert_ids' %lld entries\n", slot, at,
+             p.num_ids);
+      __trap();
+    }
+    return row_is_live<FILTER>(p.expert_ids, at, 1, p.expert_lo, p.expert_hi);
+  }
+}
+
+template <int DTYPE, int ACT, int FILTER, int INDEX, int VEC>
 __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
-  pdl_wait();  // before the first global read, the expert id included
+  pdl_wait();  // before the first global read, the expert id (and its index) included
 
   const long long row = static_cast<long long>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= p.rows) return;
-  const bool live = row_is_live<FILTER>(p.expert_ids, row, p.expert_step, p.expert_lo, p.expert_hi);
+  const bool live = act_row_is_live<FILTER, INDEX>(p, row);
   if (!live && !p.zero_dead) return;  // untouched mode; an exiting thread counts as having triggered
   const T* row_in = static_cast<const T*>(p.input) + row * p.in_row_stride;
   const P* gate = reinterpret_cast<const P*>(row_in);
@@ -90,5 +109,5 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 #endif
 extern "C" __global__ void __launch_bounds__(256, IM_MIN_BLOCKS_PER_SM)
     inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {
-  inductor_moe::act_and_mul_kernel<IM_DTYPE, IM_ACT, IM_FILTER, IM_VEC>(p);
+  inductor_moe::act_and_mul_kernel<IM_DTYPE, IM_ACT, IM_FILTER, IM_INDEX, IM_VEC>(p);
 }

@@ -5,9 +5,11 @@
 namespace inductor_moe {
 
 struct ActAndMulParams {
-  const void* input;       // [rows, 2d] with row stride in_row_stride (elements), last dim contiguous
-  void* out;               // [rows, d] with row stride out_row_stride
-  const void* expert_ids;  // int32 or int64 [ceil(rows / expert_step)], or null when unfiltered
+  const void* input;             // [rows, 2d] with row stride in_row_stride (elements), last dim contiguous
+  void* out;                     // [rows, d] with row stride out_row_stride
+  const void* expert_ids;        // int32 or int64 [ceil(rows / expert_step)] (or [num_ids], through the index), or null
+  const void* expert_ids_index;  // int32 or int64 [ceil(rows / expert_step)] into expert_ids, or null
+  long long num_ids;             // expert_ids' length: the index's bound
   long long rows;
   long long in_row_stride;
   long long out_row_stride;

@@ -30,7 +30,9 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
 
 // acc += sum over pairs s in [0, n) of weight(s) * expert_out[row(s)][pack], eight pairs at a time: the
 // eight row loads (and weight loads, when those come from global memory) are all issued before the first
-// add. row(s) < 0 marks a dead pair, which is not read.
+// add. row(s) < 0 marks a dead pair, whose row is not read; it adds weight(s) * 0, which is +0 (no change:
+// acc starts at +0 and a sum never turns it into -0) unless the weight is NaN or infinite. Staging gives a
+// dead pair weight 0 unless zero_dead_rows asks for its own.
 template <int DTYPE, int VEC, typename RowFn, typename WeightFn>
 __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
                                            float (&acc)[VEC]) {
@@ -42,19 +44,19 @@ __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int
     bool read[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      const long long row = s0 + u < n ? row_of(s0 + u) : -1;
+      const bool pair = s0 + u < n;
+      const long long row = pair ? row_of(s0 + u) : -1;
       read[u] = row >= 0;
+      w[u] = pair ? weight_of(s0 + u) : 0.0f;
       if (read[u]) {
         x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
-        w[u] = weight_of(s0 + u);
       }
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
+      // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * to_float<DTYPE>(x[u].v[i]);
-      }
+      for (int i = 0; i < VEC; ++i) acc[i] += w[u] * (read[u] ? to_float<DTYPE>(x[u].v[i]) : 0.0f);
     }
   }
 }
@@ -88,9 +90,11 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         const int j = base + threadIdx.x;
         long long row = -1;
         float w = 0.0f;
-        if (row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi)) {
+        const bool live =
+            row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi);
+        if (live || p.zero_dead_rows) w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+        if (live) {
           row = source_row<ROWS>(p, t, j);
-          w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
           if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
             printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, row,
                    p.expert_rows);
