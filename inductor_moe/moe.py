@@ -54,13 +54,13 @@ def experts(
     ones = torch.ones_like(key, dtype=torch.int32)
     counts = torch.zeros(num_local + 1, dtype=torch.int32, device=key.device).scatter_add_(0, key, ones)
     offs = counts[:num_local].cumsum(0, dtype=torch.int32)  # [E]: end row of each local expert's group
-    row_expert = key[order]  # [T*K] expert of each sorted row; E for the dead rows after offs[-1]
     x = hidden[order // k]  # [T*K, H] rows grouped by expert
     h = _grouped_mm(x, w13.transpose(1, 2), offs)  # [T*K, 2I]
     # untouched mode: the dead rows (after offs[-1]) are neither read nor written; the second GEMM skips them
     # too (writing their zeros cost 20 of 26 us at T=4096, 7/8 dead, Qwen3 sizes on H100)
     a = h.new_empty(h.shape[0], h.shape[1] // 2)  # [T*K, I]
-    ops.act_and_mul(activation, h, out=a, expert_ids=row_expert, expert_range=(0, num_local))
+    # sorted row r's expert is key[order[r]] (E for the dead rows after offs[-1]), read through the index
+    ops.act_and_mul(activation, h, out=a, expert_ids=key, expert_range=(0, num_local), expert_ids_index=order)
     y = _grouped_mm(a, w2.transpose(1, 2), offs)  # [T*K, H]
     src_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return ops.moe_combine(  # [T, H]: dead pairs (and their unwritten rows) are never read
