@@ -3,9 +3,10 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tests/sanitize.py
 
 Without the caching allocator every tensor is its own allocation, so a read or write one element past a
-tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-byte and element-wise
-accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain; the packing
-kernel; the combine kernel with gathered rows, the filter and k above one shared-memory stage (64).
+tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-, 8-byte and
+element-wise accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain; the packing
+kernel; the combine kernel with gathered rows, the filter (dead pairs skipped or weighing zero rows) and k
+above one shared-memory stage (64); ids reached through an index.
 """
 
 import torch
@@ -17,7 +18,7 @@ from inductor_moe import reference
 def main():
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for rows, d in ((1, 8), (7, 13), (37, 264), (65, 4100)):
+        for rows, d in ((1, 8), (7, 13), (37, 264), (65, 4100), (1030, 72)):  # the last: 16-byte accesses
             x = torch.randn(rows, 2 * d, device="cuda").to(dtype)
             ids = torch.randint(-1, 4, (rows,), device="cuda", dtype=torch.int32)
             blocks = torch.randint(-1, 4, ((rows + 15) // 16,), device="cuda")
@@ -26,6 +27,7 @@ def main():
                 y = im.act_and_mul(act, x)
                 im.act_and_mul(act, x, out=out, expert_ids=ids)
                 z = im.act_and_mul(act, x, expert_ids=blocks, expert_step=16)
+                im.act_and_mul(act, x, out=out, expert_ids=ids, expert_ids_index=torch.randperm(rows, device="cuda"))
                 misaligned = im.act_and_mul(act, torch.cat([x.flatten(), x.new_zeros(1)])[1:].view(rows, 2 * d))
                 torch.testing.assert_close(y, reference.act_and_mul_ref(x, act), rtol=1e-2, atol=1e-3)
                 del z, misaligned
@@ -41,8 +43,10 @@ def main():
             w = torch.rand(t, k, device="cuda")
             ids = None if ids_dtype is None else torch.randint(-1, 4, (t, k), device="cuda", dtype=ids_dtype)
             rows = torch.randperm(t * k, device="cuda").view(t, k)
-            y = im.moe_combine(eo, w, ids, (0, 4), rows)
-            torch.testing.assert_close(y, reference.moe_combine_ref(eo, w, ids, 0, 4, rows), rtol=1e-2, atol=1e-2)
+            for zero_dead_rows in (False, True):
+                y = im.moe_combine(eo, w, ids, (0, 4), rows, zero_dead_rows)
+                ref = reference.moe_combine_ref(eo, w, ids, 0, 4, rows, zero_dead_rows)
+                torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
             packed = im.pack_topk_ids_weights(rows, w)
             assert torch.equal(packed, reference.pack_topk_ids_weights_ref(rows, w))
     torch.cuda.synchronize()
