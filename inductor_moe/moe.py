@@ -42,9 +42,11 @@ def experts(
     w2: torch.Tensor,
     activation: str = "silu",
     expert_range: tuple[int, int] | None = None,
+    renormalize: bool = False,
 ) -> torch.Tensor:
     """``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t])`` over this rank's experts, where
-    ``expert_e(x) = (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T``. [T, H] in hidden's dtype."""
+    ``expert_e(x) = (act(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T``. [T, H] in hidden's dtype.
+    With ``renormalize`` the weights are divided by their sum over k first (inside the combine)."""
     tokens, k = topk_ids.shape
     num_local = w13.shape[0]
     lo = 0 if expert_range is None else expert_range[0]
@@ -64,7 +66,12 @@ def experts(
     y = _grouped_mm(a, w2.transpose(1, 2), offs)  # [T*K, H]
     src_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     return ops.moe_combine(  # [T, H]: dead pairs (and their unwritten rows) are never read
-        y, topk_weights, topk_ids=key.view(tokens, k), expert_range=(0, num_local), src_rows=src_rows.view(tokens, k)
+        y,
+        topk_weights,
+        topk_ids=key.view(tokens, k),
+        expert_range=(0, num_local),
+        src_rows=src_rows.view(tokens, k),
+        renormalize=renormalize,
     )
 
 
@@ -79,5 +86,5 @@ def moe(
     expert_range: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """A MoE layer's experts from router logits [T, E] and hidden states [T, H]: [T, H]."""
-    weights, ids = route(router_logits, top_k, renormalize)
-    return experts(hidden, weights, ids, w13, w2, activation, expert_range)
+    weights, ids = route(router_logits, top_k, renormalize=False)  # renormalised by the combine: no kernel
+    return experts(hidden, weights, ids, w13, w2, activation, expert_range, renormalize)

@@ -32,7 +32,7 @@ _lib.define(
 )
 _lib.define(
     "moe_combine(Tensor expert_out, Tensor topk_weights, Tensor? topk_ids=None, int expert_lo=0, "
-    "int expert_hi=2147483647, Tensor? src_rows=None, bool zero_dead_rows=False) -> Tensor",
+    "int expert_hi=2147483647, Tensor? src_rows=None, bool zero_dead_rows=False, bool renormalize=False) -> Tensor",
     tags=(torch.Tag.pt2_compliant_tag,),
 )
 
@@ -277,7 +277,14 @@ def _check_combine(expert_out, topk_weights, topk_ids, src_rows):
 
 @torch.library.register_fake("inductor_moe::moe_combine")
 def _moe_combine_fake(
-    expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None, zero_dead_rows=False
+    expert_out,
+    topk_weights,
+    topk_ids=None,
+    expert_lo=0,
+    expert_hi=_MAX_INDEX,
+    src_rows=None,
+    zero_dead_rows=False,
+    renormalize=False,
 ):
     _check_combine(expert_out, topk_weights, topk_ids, src_rows)
     return expert_out.new_empty((topk_weights.shape[0], expert_out.shape[1]))
@@ -285,10 +292,19 @@ def _moe_combine_fake(
 
 @torch.library.impl(_lib, "moe_combine", "CPU")
 def _moe_combine_cpu(
-    expert_out, topk_weights, topk_ids=None, expert_lo=0, expert_hi=_MAX_INDEX, src_rows=None, zero_dead_rows=False
+    expert_out,
+    topk_weights,
+    topk_ids=None,
+    expert_lo=0,
+    expert_hi=_MAX_INDEX,
+    src_rows=None,
+    zero_dead_rows=False,
+    renormalize=False,
 ):
     _check_combine(expert_out, topk_weights, topk_ids, src_rows)
-    return reference.moe_combine_ref(expert_out, topk_weights, topk_ids, expert_lo, expert_hi, src_rows, zero_dead_rows)
+    return reference.moe_combine_ref(
+        expert_out, topk_weights, topk_ids, expert_lo, expert_hi, src_rows, zero_dead_rows, renormalize
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -380,6 +396,7 @@ def moe_combine(
     expert_range: tuple[int, int] | None = None,
     src_rows: torch.Tensor | None = None,
     zero_dead_rows: bool = False,
+    renormalize: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_k live(t, k) * topk_weights[t, k] * expert_out[row(t, k)]`` accumulated in fp32, in
     expert_out's dtype: [tokens, hidden].
@@ -390,9 +407,11 @@ def moe_combine(
     when ``lo > hi``, as in :func:`act_and_mul`); dead pairs' rows are not read, and a token with no live pair
     is zero. With ``zero_dead_rows`` a dead pair adds ``topk_weights[t, k] * 0``, as if its row were zeros: the
     same sum for finite weights, NaN for a NaN or infinite one (what zeroing rows, then weighting them computes).
+    With ``renormalize`` the weights are first divided by their sum over k (dead pairs included), in their dtype:
+    ``topk_weights / topk_weights.sum(-1, keepdim=True)``, the top-k renormalisation, without a kernel of its own.
     """
     lo, hi = _expert_bounds(expert_range)
-    return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows, zero_dead_rows)
+    return _combine_op(expert_out, topk_weights, topk_ids, lo, hi, src_rows, zero_dead_rows, renormalize)
 
 
 def silu_and_mul(

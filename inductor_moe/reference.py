@@ -112,6 +112,7 @@ def moe_combine_ref(
     expert_hi: int = EXPERT_HI,
     src_rows: torch.Tensor | None = None,
     zero_dead_rows: bool = False,
+    renormalize: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_k live(t, k) * w[t, k] * expert_out[row(t, k)]`` in fp32 (or wider), in expert_out's dtype.
 
@@ -119,8 +120,14 @@ def moe_combine_ref(
     ``topk_ids[t, k]`` (always true without ids). Dead pairs' rows are not read at all, so they may hold
     anything (NaN, stale data, an invalid index in ``src_rows``); a token with no live pair is zero. With
     ``zero_dead_rows`` a dead pair adds ``w[t, k] * 0`` instead of nothing: the product a zeroed row would
-    give, NaN for a NaN or infinite weight (zero otherwise).
+    give, NaN for a NaN or infinite weight (zero otherwise). With ``renormalize`` the weights are divided by
+    their sum over k first, in their own dtype (the sum accumulated in fp32, pair by pair).
     """
+    if renormalize:
+        total = topk_weights[:, :1].float()
+        for j in range(1, topk_weights.shape[1]):  # in pair order, as the kernel sums
+            total = total + topk_weights[:, j : j + 1].float()
+        topk_weights = topk_weights / total.to(topk_weights.dtype)
     t, k = topk_weights.shape
     rows = torch.arange(t * k, device=expert_out.device).view(t, k) if src_rows is None else src_rows.long()
     live = torch.ones(t, k, dtype=torch.bool, device=expert_out.device)

@@ -4,9 +4,9 @@
 
 Without the caching allocator every tensor is its own allocation, so a read or write one element past a
 tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-, 8-byte and
-element-wise accesses, a partial last column chunk, both filter modes, per-block ids and a PDL chain; the packing
-kernel; the combine kernel with gathered rows, the filter (dead pairs skipped or weighing zero rows) and k
-above one shared-memory stage (64); ids reached through an index.
+element-wise accesses, a partial last column chunk, both filter modes, per-block ids, ids reached through an
+index and a PDL chain; the packing kernel; the combine kernel with gathered rows, the filter (dead pairs
+skipped or weighing zero rows), renormalised weights and k above one shared-memory stage (64).
 """
 
 import torch
@@ -43,9 +43,9 @@ def main():
             w = torch.rand(t, k, device="cuda")
             ids = None if ids_dtype is None else torch.randint(-1, 4, (t, k), device="cuda", dtype=ids_dtype)
             rows = torch.randperm(t * k, device="cuda").view(t, k)
-            for zero_dead_rows in (False, True):
-                y = im.moe_combine(eo, w, ids, (0, 4), rows, zero_dead_rows)
-                ref = reference.moe_combine_ref(eo, w, ids, 0, 4, rows, zero_dead_rows)
+            for zero_dead_rows, renormalize in ((False, False), (True, False), (False, True)):
+                y = im.moe_combine(eo, w, ids, (0, 4), rows, zero_dead_rows, renormalize)
+                ref = reference.moe_combine_ref(eo, w, ids, 0, 4, rows, zero_dead_rows, renormalize)
                 torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
             packed = im.pack_topk_ids_weights(rows, w)
             assert torch.equal(packed, reference.pack_topk_ids_weights_ref(rows, w))

@@ -153,6 +153,27 @@ def test_zero_dead_rows(device, rows_dtype, tokens, k, h):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_dtype", DTYPES)
+@pytest.mark.parametrize("ids_dtype,rows_dtype", [(None, None), (torch.int32, torch.int64)])
+@pytest.mark.parametrize("tokens,k,h", [(1, 8, 8), (37, 2, 100), (7, 66, 36)])
+def test_renormalize(device, w_dtype, ids_dtype, rows_dtype, tokens, k, h):
+    # renormalize divides the weights by their sum over k (dead pairs included) in their dtype: the op equals
+    # itself on the weights the reference renormalises, bit for bit
+    eo, w, ids, src_rows = make_case(tokens, k, h, torch.bfloat16, w_dtype, ids_dtype, rows_dtype, device)
+    out = im.moe_combine(eo, w, ids, (0, 8), src_rows, renormalize=True)
+    total = w[:, :1].float()
+    for j in range(1, k):
+        total = total + w[:, j : j + 1].float()
+    normalized = w / total.to(w_dtype)
+    assert torch.equal(out, im.moe_combine(eo, normalized, ids, (0, 8), src_rows))
+    ref = reference.moe_combine_ref(eo, w, ids, 0, 8, src_rows, renormalize=True)
+    torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+    # what a model spells, summed in another order: the same within the weights' last bit
+    spelled = im.moe_combine(eo, w / w.sum(-1, keepdim=True), ids, (0, 8), src_rows)
+    torch.testing.assert_close(out, spelled, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("lo,hi", FILTER_RANGES)
 def test_filter_range_edges(device, ids_dtype, lo, hi):
@@ -209,6 +230,7 @@ def test_opcheck(device):
         eo = eo.nan_to_num()  # opcheck compares eager runs with each other; NaN != NaN
         torch.library.opcheck(torch.ops.inductor_moe.moe_combine.default, (eo, w, ids, 0, 8, rows))
         torch.library.opcheck(torch.ops.inductor_moe.moe_combine.default, (eo, w, ids, 0, 8, rows, True))
+        torch.library.opcheck(torch.ops.inductor_moe.moe_combine.default, (eo, w, ids, 0, 8, rows, False, True))
 
 
 @pytest.mark.parametrize("device", DEVICES)

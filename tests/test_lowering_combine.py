@@ -238,3 +238,40 @@ def test_rows_gathered_by_any_index_are_materialised():
     assert families(report) == ["combine"], report
     assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d\)", report.graphs[-1]), report.graphs[-1]
     assert torch.equal(out, reference.moe_combine_ref(y[index], w))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Top-k renormalisation folded into the op
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+def test_renormalized_weights_are_folded(w_dtype):
+    eo, w = randn(5 * 8, 24, dtype=torch.bfloat16), torch.rand(5, 8).to(w_dtype)
+
+    def fn(eo, w):
+        w = w / w.sum(dim=-1, keepdim=True)
+        return (rows(eo, w) * w[..., None]).sum(1).to(eo.dtype)
+
+    out, report = compile_rewrite(fn, eo, w)
+    assert families(report) == ["combine"], report
+    assert re.fullmatch(
+        r"v0 = inductor_moe.moe_combine\(in\d, in\d, None, 0, 2147483647, None, False, True\)\nreturn \[v0\]",
+        report.graphs[-1],
+    )
+    assert torch.equal(out, reference.moe_combine_ref(eo, w, renormalize=True))
+    tol = TOL[torch.bfloat16]["rtol"]
+    torch.testing.assert_close(out, fn(eo, w), rtol=4 * tol, atol=4 * tol)
+
+
+def test_renormalized_weights_used_elsewhere_are_not_folded():
+    # the normalised weights are an output too: they are computed anyway, and the op takes them as they are
+    eo, w = randn(3 * 4, 16, dtype=torch.bfloat16), torch.rand(3, 4)
+
+    def fn(eo, w):
+        w = w / w.sum(dim=-1, keepdim=True)
+        return (rows(eo, w) * w[..., None]).sum(1).to(eo.dtype), w
+
+    (out, wn), report = compile_rewrite(fn, eo, w)
+    assert families(report) == ["combine"], report
+    assert "renormalize" not in report.graphs[-1] and "aten.div(" in report.graphs[-1]
+    assert torch.equal(out, reference.moe_combine_ref(eo, wn))

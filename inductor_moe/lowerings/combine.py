@@ -106,13 +106,13 @@ def register(arithmetic: PatternMatcherPass) -> None:
             if not (spelling.startswith(("bmm", "einsum")) and eo_dtype != w_dtype):  # bmm needs one dtype
                 add(spelling, fn, example, _check_unfiltered, _replace)
         for spelling, (live_when_true, fn) in FILTERED_SPELLINGS.items():
-            add(spelling, fn, example + mask, _check_filtered(live_when_true), _replace_filtered)
+            add(spelling, fn, example + mask, _check_filtered(live_when_true), _replace)
             add(
                 f"{spelling}.to(dtype)",
                 _cast_back(fn),
                 example + mask,
                 _check_filtered(live_when_true),
-                _replace_filtered,
+                _replace,
             )
 
 
@@ -158,36 +158,62 @@ def _check(match: Match) -> bool | str:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Gathered:
-    """expert_out is rows[src_rows]; with a filter, rows was where(mask, 0, y) and is y here."""
+class _Combine:
+    """What the op is called with: rows (expert_out, or what it was gathered from), src_rows, the filter
+    (ids over pairs), whether dead pairs add w * 0, and the weights (before renormalisation when folded)."""
 
     rows: torch.fx.Node
-    src_rows: torch.fx.Node
-    filter: expert_mask.ExpertFilter | None
+    weights: torch.fx.Node
+    src_rows: torch.fx.Node | None = None
+    filter: expert_mask.ExpertFilter | None = None
+    zero_dead_rows: bool = False
+    renormalize: bool = False
 
 
-def _check_unfiltered(match: Match) -> _Gathered | bool | str:
+def _check_unfiltered(match: Match) -> _Combine | str:
     proof = _check(match)
     if proof is not True:
         return proof
-    w = matching.val(match.kwargs["topk_weights"])
-    return _gathered(match.kwargs["expert_out"], w.shape[0] * w.shape[1]) or True
+    weights, renormalize = _weights(match.kwargs["topk_weights"])
+    plain = _Combine(match.kwargs["expert_out"], weights, renormalize=renormalize)
+    return _gathered(plain) or plain
 
 
-def _gathered(eo_node: torch.fx.Node, pairs) -> _Gathered | None:
-    """expert_out as rows gathered by a permutation (see the module docstring), or None."""
+def _weights(w_node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
+    """(w0, True) if the weights are ``w0 / w0.sum(-1, keepdim=True)`` computed only for this combine (the top-k
+    renormalisation, which the op then does without a kernel of its own), else (the weights, False)."""
+    if w_node.target is not aten.div.Tensor or len(w_node.users) != 1:
+        return w_node, False
+    num, den = w_node.args
+    if not (isinstance(den, torch.fx.Node) and den.target is aten.sum.dim_IntList and den.args[0] is num):
+        return w_node, False
+    keepdim = den.args[2] if len(den.args) > 2 else den.kwargs.get("keepdim", False)
+    nv = matching.val(num)
+    if list(den.args[1]) not in ([-1], [1]) or not keepdim or nv.dim() != 2:
+        return w_node, False
+    if not (matching.val(den).dtype == nv.dtype == matching.val(w_node).dtype):
+        return w_node, False  # a sum or quotient in another dtype rounds differently
+    return num, True
+
+
+def _gathered(c: _Combine) -> _Combine | None:
+    """The combine reading expert_out's source through src_rows, when expert_out is rows gathered by a
+    permutation (see the module docstring), else None."""
+    eo_node = c.rows
     if eo_node.target is not aten.index.Tensor or len(eo_node.users) != 1:
         return None
     rows, indices = eo_node.args
     if len(indices) != 1 or matching.sort_indices(indices[0]) is None:
         return None
     inv = indices[0]
+    w = matching.val(c.weights)
+    pairs = w.shape[0] * w.shape[1]
     if matching.val(rows).dim() != 2 or not matching.known(matching.val(inv).shape[0] == pairs):
         return None
     folded = _masked_rows(rows, inv, pairs)
     if folded and _rows_layout_ok(folded[0]):
-        return _Gathered(folded[0], inv, folded[1])
-    return _Gathered(rows, inv, None) if _rows_layout_ok(rows) else None
+        return dataclasses.replace(c, rows=folded[0], src_rows=inv, filter=folded[1], zero_dead_rows=True)
+    return dataclasses.replace(c, rows=rows, src_rows=inv) if _rows_layout_ok(rows) else None
 
 
 def _rows_layout_ok(node: torch.fx.Node) -> bool:
@@ -226,37 +252,31 @@ def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
     return y, expert_mask.ExpertFilter(s_node, 1, f.lo, f.hi)
 
 
-def _replace(match: Match, proof: _Gathered | bool):
-    eo, w = match.kwargs["expert_out"], match.kwargs["topk_weights"]
-    if proof is True:
-        return OP, [eo, w]
-    f = proof.filter
-    if f is None:
-        return (lambda rows, w, inv: OP(rows, w, src_rows=inv.reshape(w.shape))), [proof.rows, w, proof.src_rows]
-    return (lambda rows, w, inv, ids: OP(rows, w, ids.reshape(w.shape), f.lo, f.hi, inv.reshape(w.shape), True)), [
-        proof.rows,
-        w,
-        proof.src_rows,
-        f.ids,
-    ]
+def _replace(match: Match, c: _Combine):
+    f = c.filter
+    lo, hi = (f.lo, f.hi) if f else (0, 2**31 - 1)
+
+    def combine(rows, weights, ids=None, src_rows=None):
+        shape = weights.shape
+        ids = None if ids is None else ids.reshape(shape)
+        src_rows = None if src_rows is None else src_rows.reshape(shape)
+        return OP(rows, weights, ids, lo, hi, src_rows, c.zero_dead_rows, c.renormalize)
+
+    args = [c.rows, c.weights, f.ids if f else None, c.src_rows]
+    return combine, args
 
 
 def _check_filtered(live_when_true: bool):
-    def check(match: Match) -> expert_mask.ExpertFilter | str:
+    def check(match: Match) -> _Combine | str:
         proof = _check(match)
         if isinstance(proof, str):
             return proof
         if not matching.is_plus_zero(matching.scalar_constant(match.kwargs["zero"])):
             return "dead pairs get a value other than +0"
-        w = matching.val(match.kwargs["topk_weights"])
-        return expert_mask.expert_filter(match.kwargs["cond"], list(w.shape), live_when_true)
+        weights, renormalize = _weights(match.kwargs["topk_weights"])
+        f = expert_mask.expert_filter(match.kwargs["cond"], list(matching.val(weights).shape), live_when_true)
+        if isinstance(f, str):
+            return f
+        return _Combine(match.kwargs["expert_out"], weights, filter=f, renormalize=renormalize)  # f.step is 1
 
     return check
-
-
-def _replace_filtered(match: Match, f: expert_mask.ExpertFilter):  # f.step is 1: pairs have no blocks
-    return (lambda eo, w, ids: OP(eo, w, ids, f.lo, f.hi)), [
-        match.kwargs["expert_out"],
-        match.kwargs["topk_weights"],
-        f.ids,
-    ]

@@ -34,7 +34,7 @@ int check_pairs(const char* name, const std::optional<at::Tensor>& t, const at::
 
 at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                             const std::optional<at::Tensor>& topk_ids, int64_t expert_lo, int64_t expert_hi,
-                            const std::optional<at::Tensor>& src_rows, bool zero_dead_rows) {
+                            const std::optional<at::Tensor>& src_rows, bool zero_dead_rows, bool renormalize) {
   TORCH_CHECK(expert_out.dim() == 2,
               cat("inductor_moe.moe_combine: expert_out must be 2-D [rows, hidden], got shape ", expert_out.sizes()));
   TORCH_CHECK(dtype_code(expert_out.scalar_type()) >= 0,
@@ -112,6 +112,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   p.expert_lo = expert_lo;
   p.expert_hi = expert_hi;
   p.zero_dead_rows = zero_dead_rows ? 1 : 0;
+  p.renormalize = renormalize ? 1 : 0;
   p.k = static_cast<int>(k);
   p.h = static_cast<int>(h);
   void* args[] = {&p};

@@ -17,6 +17,23 @@ __device__ __forceinline__ float load_weight(const void* weights, long long offs
   return to_float<WDTYPE>(static_cast<const typename Storage<WDTYPE>::type*>(weights)[offset]);
 }
 
+// The divisor of renormalised weights: their sum over k, in fp32 pair by pair, rounded to their dtype (what
+// w / w.sum(-1, keepdim=True) divides by in that dtype).
+template <int WDTYPE>
+__device__ __forceinline__ float weight_sum(const CombineParams& p, long long t) {
+  float sum = load_weight<WDTYPE>(p.weights, t * p.w_strides[0]);
+  for (int j = 1; j < p.k; ++j) sum += load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+  return to_float<WDTYPE>(from_float<WDTYPE>(sum));
+}
+
+// Pair j's weight, divided by `divisor` (and rounded to the weights' dtype, as the division there does) when
+// renormalising.
+template <int WDTYPE>
+__device__ __forceinline__ float pair_weight(const CombineParams& p, long long t, int j, float divisor) {
+  const float w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+  return p.renormalize ? to_float<WDTYPE>(from_float<WDTYPE>(w / divisor)) : w;
+}
+
 template <int ROWS>
 __device__ __forceinline__ long long source_row(const CombineParams& p, long long t, int j) {
   if constexpr (ROWS == 0) {
@@ -72,6 +89,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+  const float divisor = p.renormalize ? weight_sum<WDTYPE>(p, t) : 1.0f;
 
   if constexpr (FILTER == 0 && ROWS == 0) {
     // Unfiltered and token-major: the rows are t * k + j, known without a load, so a thread reads weights
@@ -79,7 +97,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
     if (owns_pack) {
       accumulate<DTYPE, VEC>(
           p, pack, p.k, [&](int j) { return t * p.k + j; },
-          [&](int j) { return load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]); }, acc);
+          [&](int j) { return pair_weight<WDTYPE>(p, t, j, divisor); }, acc);
     }
   } else {
     __shared__ float stage_weight[kStage];
@@ -92,7 +110,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         float w = 0.0f;
         const bool live =
             row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi);
-        if (live || p.zero_dead_rows) w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+        if (live || p.zero_dead_rows) w = pair_weight<WDTYPE>(p, t, j, divisor);
         if (live) {
           row = source_row<ROWS>(p, t, j);
           if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out

@@ -17,6 +17,6 @@ void act_and_mul_out_cuda(const at::Tensor& input, const at::Tensor& out, c10::s
 
 at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
                             const std::optional<at::Tensor>& topk_ids, int64_t expert_lo, int64_t expert_hi,
-                            const std::optional<at::Tensor>& src_rows, bool zero_dead_rows);
+                            const std::optional<at::Tensor>& src_rows, bool zero_dead_rows, bool renormalize);
 
 }  // namespace inductor_moe
