@@ -38,10 +38,20 @@ ACT_AND_MUL_VARIANTS = [
 
 
 # Every combine variant csrc/combine.cpp can ask for: output dtype x weight dtype x filter (none, int32,
-# int64 ids) x row source (token-major, int32, int64 src_rows) x access width.
+# int64 ids) x row source (token-major, int32, int64 src_rows) x access width; and renormalised weights and
+# dead pairs weighing zero rows (filtered only), whose code paths depend on the weights' dtype and the filter,
+# over fp32 and bf16.
 COMBINE_VARIANTS = [
-    dict(IM_DTYPE=dtype, IM_WDTYPE=wdtype, IM_FILTER=filt, IM_ROWS=rows, IM_VEC=vec)
+    dict(IM_DTYPE=dtype, IM_WDTYPE=wdtype, IM_FILTER=filt, IM_ROWS=rows, IM_RENORM=0, IM_ZERO_DEAD=0, IM_VEC=vec)
     for dtype, wdtype, filt, rows in itertools.product(range(3), range(3), range(3), range(3))
+    for vec in _widths(dtype)
+] + [
+    dict(
+        IM_DTYPE=dtype, IM_WDTYPE=wdtype, IM_FILTER=filt, IM_ROWS=rows, IM_RENORM=renorm, IM_ZERO_DEAD=zero, IM_VEC=vec
+    )
+    for dtype, wdtype, filt, rows in itertools.product((0, 2), (0, 2), (0, 1), (0, 1))
+    for renorm, zero in ((1, 0), (0, 1), (1, 1))
+    if filt or not zero
     for vec in _widths(dtype)
 ]
 

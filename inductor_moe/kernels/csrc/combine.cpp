@@ -111,8 +111,6 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   p.rows_strides[1] = src_rows.has_value() ? src_rows->stride(1) : 0;
   p.expert_lo = expert_lo;
   p.expert_hi = expert_hi;
-  p.zero_dead_rows = zero_dead_rows ? 1 : 0;
-  p.renormalize = renormalize ? 1 : 0;
   p.k = static_cast<int>(k);
   p.h = static_cast<int>(h);
   void* args[] = {&p};
@@ -121,6 +119,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
                  {"IM_WDTYPE", wdtype, 2},
                  {"IM_FILTER", filter, 2},
                  {"IM_ROWS", rows_code, 2},
+                 {"IM_RENORM", renormalize ? 1 : 0, 1},
+                 {"IM_ZERO_DEAD", zero_dead_rows && filter != 0 ? 1 : 0, 1},
                  {"IM_VEC", vec, 4}},
                 Dim3{static_cast<unsigned>(tokens), static_cast<unsigned>(chunks)},
                 Dim3{static_cast<unsigned>(threads)}, args);

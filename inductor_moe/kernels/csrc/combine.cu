@@ -1,6 +1,7 @@
 // Weighted top-k combine: out[t] = sum_j live(t, j) * w[t, j] * expert_out[row(t, j)], fp32 accumulation,
 // output in expert_out's dtype. One templated body; kernels/jit.py compiles one variant per (output dtype,
-// weight dtype, filter, row source, vector width) from -DIM_DTYPE/-DIM_WDTYPE/-DIM_FILTER/-DIM_ROWS/-DIM_VEC.
+// weight dtype, filter, row source, renormalisation, dead pairs' weighing, vector width) from -DIM_DTYPE/
+// -DIM_WDTYPE/-DIM_FILTER/-DIM_ROWS/-DIM_RENORM/-DIM_ZERO_DEAD/-DIM_VEC.
 //
 // Grid: x = tokens, y = column chunks; each thread owns one VEC-wide pack of a token's output row and keeps
 // its VEC partial sums in registers across all k. A token's k (row, weight) pairs are staged in shared
@@ -26,12 +27,17 @@ __device__ __forceinline__ float weight_sum(const CombineParams& p, long long t)
   return to_float<WDTYPE>(from_float<WDTYPE>(sum));
 }
 
-// Pair j's weight, divided by `divisor` (and rounded to the weights' dtype, as the division there does) when
-// renormalising.
-template <int WDTYPE>
+// Pair j's weight; with RENORM divided by `divisor` and rounded to the weights' dtype, as the division there
+// does. A compile-time switch: as a run-time one, the division sat on every T=1 launch's critical path
+// (K=8, H=7168 bf16 on H100: 1.40 -> 1.64 us, half the pairs dead 2.09 -> 2.37).
+template <int WDTYPE, int RENORM>
 __device__ __forceinline__ float pair_weight(const CombineParams& p, long long t, int j, float divisor) {
   const float w = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
-  return p.renormalize ? to_float<WDTYPE>(from_float<WDTYPE>(w / divisor)) : w;
+  if constexpr (RENORM) {
+    return to_float<WDTYPE>(from_float<WDTYPE>(w / divisor));
+  } else {
+    return w;
+  }
 }
 
 template <int ROWS>
@@ -47,38 +53,42 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
 
 // acc += sum over pairs s in [0, n) of weight(s) * expert_out[row(s)][pack], eight pairs at a time: the
 // eight row loads (and weight loads, when those come from global memory) are all issued before the first
-// add. row(s) < 0 marks a dead pair, whose row is not read; it adds weight(s) * 0, which is +0 (no change:
-// acc starts at +0 and a sum never turns it into -0) unless the weight is NaN or infinite. Staging gives a
-// dead pair weight 0 unless zero_dead_rows asks for its own.
-template <int DTYPE, int VEC, typename RowFn, typename WeightFn>
+// add. row(s) < 0 marks a dead pair, whose row is not read; with ZERO_DEAD (zero_dead_rows) it adds
+// weight(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns it into -0) unless the weight
+// is NaN or infinite.
+template <int DTYPE, int VEC, int ZERO_DEAD, typename RowFn, typename WeightFn>
 __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
                                            float (&acc)[VEC]) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
+  constexpr bool weigh_dead = ZERO_DEAD != 0;
   for (int s0 = 0; s0 < n; s0 += 8) {
     P x[8];
     float w[8];
     bool read[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      const bool pair = s0 + u < n;
-      const long long row = pair ? row_of(s0 + u) : -1;
+      const long long row = s0 + u < n ? row_of(s0 + u) : -1;
       read[u] = row >= 0;
-      w[u] = pair ? weight_of(s0 + u) : 0.0f;
       if (read[u]) {
         x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
       }
+      if (read[u] || (weigh_dead && s0 + u < n)) w[u] = weight_of(s0 + u);
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
+      if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += w[u] * (read[u] ? to_float<DTYPE>(x[u].v[i]) : 0.0f);
+        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * to_float<DTYPE>(x[u].v[i]);
+      } else if (weigh_dead && s0 + u < n) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * 0.0f;
+      }
     }
   }
 }
 
-template <int DTYPE, int WDTYPE, int FILTER, int ROWS, int VEC>
+template <int DTYPE, int WDTYPE, int FILTER, int ROWS, int RENORM, int ZERO_DEAD, int VEC>
 __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
@@ -89,15 +99,15 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   float acc[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
-  const float divisor = p.renormalize ? weight_sum<WDTYPE>(p, t) : 1.0f;
+  const float divisor = RENORM ? weight_sum<WDTYPE>(p, t) : 1.0f;
 
   if constexpr (FILTER == 0 && ROWS == 0) {
     // Unfiltered and token-major: the rows are t * k + j, known without a load, so a thread reads weights
     // and rows in one round trip instead of staging's two (T=1, H=7168 bf16: 2.19 us staged).
     if (owns_pack) {
-      accumulate<DTYPE, VEC>(
+      accumulate<DTYPE, VEC, 0>(
           p, pack, p.k, [&](int j) { return t * p.k + j; },
-          [&](int j) { return pair_weight<WDTYPE>(p, t, j, divisor); }, acc);
+          [&](int j) { return pair_weight<WDTYPE, RENORM>(p, t, j, divisor); }, acc);
     }
   } else {
     __shared__ float stage_weight[kStage];
@@ -110,7 +120,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         float w = 0.0f;
         const bool live =
             row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi);
-        if (live || p.zero_dead_rows) w = pair_weight<WDTYPE>(p, t, j, divisor);
+        if (live || ZERO_DEAD) w = pair_weight<WDTYPE, RENORM>(p, t, j, divisor);
         if (live) {
           row = source_row<ROWS>(p, t, j);
           if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
@@ -124,7 +134,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
       }
       __syncthreads();
       if (owns_pack) {
-        accumulate<DTYPE, VEC>(
+        accumulate<DTYPE, VEC, ZERO_DEAD>(
             p, pack, n, [&](int s) { return stage_row[s]; }, [&](int s) { return stage_weight[s]; }, acc);
       }
       __syncthreads();  // the stage is rewritten by the next round
@@ -144,5 +154,5 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
 // At most 64 registers (4 blocks of 256 threads an SM): the staged path took 69 without the cap and lost a
 // quarter of its resident threads (8192x8x7168 bf16, half the pairs dead: 215 -> 247 us).
 extern "C" __global__ void __launch_bounds__(256, 4) inductor_moe_kernel(const inductor_moe::CombineParams p) {
-  inductor_moe::combine_kernel<IM_DTYPE, IM_WDTYPE, IM_FILTER, IM_ROWS, IM_VEC>(p);
+  inductor_moe::combine_kernel<IM_DTYPE, IM_WDTYPE, IM_FILTER, IM_ROWS, IM_RENORM, IM_ZERO_DEAD, IM_VEC>(p);
 }

@@ -18,8 +18,6 @@ struct CombineParams {
   long long rows_strides[2];
   long long expert_lo;
   long long expert_hi;
-  int zero_dead_rows;  // a dead pair adds w * 0 (NaN for a non-finite weight) instead of nothing
-  int renormalize;     // weights divided by their sum over k first
   int k;
   int h;  // < 2**31, checked on the host
 };
