@@ -72,8 +72,10 @@ __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int
       read[u] = row >= 0;
       if (read[u]) {
         x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
+        w[u] = weight_of(s0 + u);
+      } else if (weigh_dead && s0 + u < n) {
+        w[u] = weight_of(s0 + u);
       }
-      if (read[u] || (weigh_dead && s0 + u < n)) w[u] = weight_of(s0 + u);
     }
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
@@ -118,16 +120,16 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         const int j = base + threadIdx.x;
         long long row = -1;
         float w = 0.0f;
-        const bool live =
-            row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi);
-        if (live || ZERO_DEAD) w = pair_weight<WDTYPE, RENORM>(p, t, j, divisor);
-        if (live) {
+        if (row_is_live<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1], 1, p.expert_lo, p.expert_hi)) {
           row = source_row<ROWS>(p, t, j);
+          w = pair_weight<WDTYPE, RENORM>(p, t, j, divisor);
           if (row < 0 || row >= p.expert_rows) {  // a live pair must name a row of expert_out
             printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, row,
                    p.expert_rows);
             __trap();
           }
+        } else if (ZERO_DEAD) {
+          w = pair_weight<WDTYPE, RENORM>(p, t, j, divisor);  // the weight a dead pair multiplies its zero row by
         }
         stage_row[threadIdx.x] = row;
         stage_weight[threadIdx.x] = w;
