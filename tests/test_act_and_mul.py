@@ -91,7 +91,7 @@ def test_reference_filter_semantics():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize(
     "rows,d",
-    # accesses of 4 elements (37x4100: d % 8 == 4), of 8 (4097x776: many short rows), of 1 (d % 4 != 0)
+    # accesses of 4 elements (37x4100: d % 8 == 4), of 8 (4097 rows), of 1 (d % 4 != 0)
     [
         (0, 64),
         (1, 1),

@@ -145,15 +145,15 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   // 50% 11.12 -> 10.72. Longer rows keep the wide blocks: at 8192x14336 one warp a row was 4% slower.
   const bool warp_per_row = filter != 0 && d <= 2048;
 
-  // Four elements a thread per access (8 bytes for 16-bit types, 16 for fp32) when every row of gate, up and
-  // out is aligned to that, else one element at a time. Fewer elements a thread shortens each thread's chain
-  // of loads and math, which is the time of a kernel that does not fill the GPU. H100, bf16 silu in a CUDA
-  // graph, 8 -> 4 elements (16- -> 8-byte accesses): 1x2048 1.41 -> 1.20 us, 16x768 1.44 -> 1.23, 64x2048
-  // 1.59 -> 1.39, 1024x2048 5.01 -> 4.85, 8192x2048 35.4 -> 34.7, gelu 1x2048 1.64 -> 1.14; filtered 128x768
-  // (7/8 dead) 1.80 -> 1.57. Where each thread loops over many short rows' packs it lost, so many rows
-  // (>= 1024) of short rows or of one warp each keep 8: 1024x768 2.25 -> 2.59, filtered 4096x2048 at 50% dead
-  // 10.97 -> 11.34.
-  const int64_t elements = rows >= 1024 && (d < 1024 || warp_per_row) ? 8 : 4;
+  // Elements a thread moves per access: 4 (8 bytes for 16-bit types, 16 for fp32) for fewer than 1024 rows,
+  // 8 (16 bytes) from there, when every row of gate, up and out is aligned to that; else one element at a
+  // time. Few rows do not fill the GPU, and there fewer elements a thread shortens each thread's chain of loads
+  // and math, which is the kernel's time. H100, bf16 in a CUDA graph, 8 -> 4 elements: silu 1x2048 1.41 ->
+  // 1.20 us, 16x768 1.44 -> 1.23, 64x2048 1.59 -> 1.39, gelu 1x2048 1.64 -> 1.14; filtered 128x768 (7/8 dead)
+  // 1.80 -> 1.57. From 1024 rows the kernel streams and 16-byte accesses did as well or better: silu 1024x768
+  // 2.25 (2.59 with 4), gelu 1024x2048 5.02 (5.66), filtered 4096x2048 half dead 10.97 (11.34); silu
+  // 1024x2048 4.9-5.0 either way.
+  const int64_t elements = rows >= 1024 ? 8 : 4;
   const int vec =
       vector_width(input.element_size(), elements, {d, in_stride, out_stride}, {input.data_ptr(), out.data_ptr()});
 
