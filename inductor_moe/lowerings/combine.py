@@ -22,6 +22,10 @@ never negative: an arbitrary index could wrap around, which src_rows does not), 
 expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's row is masked exactly when
 ``s[perm[inv[j]]] = s[j]`` is, so ``s`` becomes the op's per-pair filter with ``zero_dead_rows``: a masked
 pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row.
+
+Renormalised weights: ``w / w.sum(-1, keepdim=True)`` computed only for the combine (in one dtype) becomes the
+op's ``renormalize``, which saves the launch that materialised them. The op sums the k weights in pair order,
+where Inductor's reduction may add them in another order: the weights can differ in their last bit.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import dataclasses
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
+from .. import reference
 from . import expert_mask, matching
 
 aten = torch.ops.aten
@@ -254,7 +259,7 @@ def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
 
 def _replace(match: Match, c: _Combine):
     f = c.filter
-    lo, hi = (f.lo, f.hi) if f else (0, 2**31 - 1)
+    lo, hi = (f.lo, f.hi) if f else (reference.EXPERT_LO, reference.EXPERT_HI)
 
     def combine(rows, weights, ids=None, src_rows=None):
         shape = weights.shape

@@ -9,7 +9,9 @@ two halves of one input by :func:`_check_halves` (slices, narrow, chunk and spli
 Stage 2 (filter): a per-row mask applied to the op's result (``where``, ``masked_fill``, index assignment) or to
 its input before the activation, with the dead value 0, becomes the op's expert filter (expert_mask.py).
 Multiplying by a 0/1 mask is not folded: it keeps the NaN of dead rows (``0 * inf``), which the filter would
-turn into 0.
+turn into 0. Ids gathered by a sort's indices (``s[argsort(...)]``: rows sorted by expert) are passed as
+``s`` and the indices (``expert_ids_index``), so the gathered copy is never materialised; a gather by any other
+index (which may wrap around) is passed as it is.
 
 Rounding: the op computes in fp32 and rounds once. A bf16/fp16 model spelling rounds the activation to its
 dtype before the product, so results may differ from eager by one ulp of the dtype (the same difference as
