@@ -136,6 +136,11 @@ def test_zero_dead_rows(device, rows_dtype, tokens, k, h):
     zeroed = im.moe_combine(eo, w, ids, (0, 8), src_rows, zero_dead_rows=True)
     assert torch.equal(zeroed, skipped) and not zeroed.isnan().any()
     assert torch.equal(zeroed.view(torch.int16), skipped.view(torch.int16))  # +0 stays +0
+    # with the weights renormalised first (what the lowerings emit for grouped-GEMM blocks): the same
+    both = im.moe_combine(eo, w.abs(), ids, (0, 8), src_rows, zero_dead_rows=True, renormalize=True)
+    assert torch.equal(both, im.moe_combine(eo, w.abs(), ids, (0, 8), src_rows, renormalize=True))
+    ref = reference.moe_combine_ref(eo, w.abs(), ids, 0, 8, src_rows, zero_dead_rows=True, renormalize=True)
+    torch.testing.assert_close(both, ref, **TOL[torch.bfloat16])
     dead = ids < 0
     poisoned = torch.where(
         dead,
