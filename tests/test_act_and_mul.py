@@ -450,6 +450,20 @@ def test_compile_no_recompile_across_batch(device, mode):
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_ids_through_index_no_recompile_across_batch(device):
+    def f(x, ids):
+        order = torch.argsort(ids, stable=True)
+        return im.silu_and_mul(x, expert_ids=ids, expert_ids_index=order)
+
+    assert_compiles_once(
+        f,
+        lambda t: (randn(t, 2 * 32, device=device), torch.randint(-1, 8, (t,), device=device)),
+        (1, 2, 3, 64, 1000),
+        lambda out, ref: torch.testing.assert_close(out, ref, rtol=0, atol=0),
+    )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU only: PDL, CUDA graphs, streams, 64-bit offsets
 

@@ -239,6 +239,24 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compile_gathered_renormalized_no_recompile_across_batch(device):
+    def f(expert_out, w, ids):
+        src_rows = torch.argsort(ids.view(-1), stable=True).view(ids.shape)
+        return im.moe_combine(expert_out, w, ids, (0, 8), src_rows, zero_dead_rows=True, renormalize=True)
+
+    assert_compiles_once(
+        f,
+        lambda t: (
+            randn(t * 4, 32, device=device),
+            torch.rand(t, 4, device=device),
+            torch.randint(-1, 8, (t, 4), device=device),
+        ),
+        (1, 2, 37, 1000),
+        lambda out, ref: torch.testing.assert_close(out, ref, rtol=0, atol=0),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_compile_no_recompile_across_batch(device):
     def f(expert_out, w, ids):
         return im.moe_combine(expert_out * 2, w.softmax(-1), ids, (0, 8))
