@@ -4,7 +4,9 @@
 
 Blocks from examples/moe_blocks.py: the eager expert loop (LoopMoE, HF style) and the grouped-GEMM block
 (GroupedMoE: sorted rows, two grouped GEMMs, expert-parallel sentinel mask, view * weights combine), which is
-what gets compiled. "runner" is inductor_moe.moe.moe called directly. Shapes: Qwen3-30B-A3B-like (hidden 2048,
+what gets compiled, with inductor and inductor_moe as they come (inductor_moe turns on Inductor's own PDL, stock
+inductor does not) and each with that setting flipped, which separates the rewrites from PDL. "runner" is
+inductor_moe.moe.moe called directly. Shapes: Qwen3-30B-A3B-like (hidden 2048,
 128 experts, top-8, intermediate 768) and Mixtral-like (hidden 4096, 8 experts, top-2, intermediate 14336),
 without and with an expert-parallel local range of 1/8 of the experts. µs per call inside a CUDA graph
 (benchmarks/timing.py), except the eager loop (its torch.where syncs with the host: CUDA events over
@@ -33,13 +35,20 @@ import inductor_moe as im  # noqa: E402
 import timing  # noqa: E402
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidden, intermediate, experts, top-k
+# (column, backend, Inductor's triton.enable_pdl): each backend as it comes, then with that setting flipped
+VARIANTS = (
+    ("inductor", "inductor", False),
+    ("inductor +PDL", "inductor", True),
+    ("inductor_moe", "inductor_moe", True),
+    ("inductor_moe −PDL", "inductor_moe", False),
+)
 
 
 def us(fn) -> float:
     # in a graph at every T: back-to-back calls timed with events measured this VM's host at T=4096 (a block
     # is ~100 launches), which moved stock inductor's time from 783 to 975 us between runs
     try:
-        return timing.graph_us([fn], calls=8, repeats=10)
+        return timing.graph_us([fn], repeats=10)
     except RuntimeError as e:  # not capturable (a host sync): say so, time it without a graph
         print(f"(no CUDA graph: {str(e).splitlines()[0][:100]}; timed with events)")
         return timing.events_us(fn)
@@ -72,7 +81,11 @@ def main():
             lo, hi = (0, experts // 8) if ep else (0, experts)
             block = GroupedMoE(w13[lo:hi], w2[lo:hi], top_k, (lo, hi))
             torch._dynamo.reset()
-            compiled = {b: torch.compile(block, backend=b, dynamic=True) for b in ("inductor", "inductor_moe")}
+            # inductor_moe turns on Inductor's own PDL (sm90+); the two extra columns separate that from the rewrites
+            compiled = {
+                name: torch.compile(block, backend=backend, dynamic=True, options={"triton.enable_pdl": pdl})
+                for name, backend, pdl in VARIANTS
+            }
             parts = [torch.compile(masked_act, dynamic=True), torch.compile(combine, dynamic=True)]
             for tokens in map(int, args.tokens.split(",")):
                 x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
@@ -99,14 +112,15 @@ def main():
                     a = torch.empty(pairs, inter, device="cuda", dtype=torch.bfloat16)
                     act_us = timing.graph_us([lambda: im.silu_and_mul(h, out=a, expert_ids=ids)])  # the runner's call
                 ratio = t["inductor_moe"] / t["inductor"]
+                rewrites_only = t["inductor_moe −PDL"] / t["inductor"]
                 loop_x = f"{t['eager loop'] / t['runner']:.1f}×" if t["eager loop"] else "-"
                 rows.append(
                     [shape, "1/8" if ep else "all", tokens]
                     + [
                         f"{t[k]:.1f}" if t[k] else "-"
-                        for k in ("eager loop", "eager", "inductor", "inductor_moe", "runner")
+                        for k in ("eager loop", "eager", *(v[0] for v in VARIANTS), "runner")
                     ]
-                    + [f"**{ratio:.2f}**", loop_x, f"{100 * part_us / t['inductor']:.0f}%"]
+                    + [f"**{ratio:.2f}**", f"{rewrites_only:.2f}", loop_x, f"{100 * part_us / t['inductor']:.0f}%"]
                 )
                 shares.append((shape, ep, tokens, act_us))
     timing.table(
@@ -117,10 +131,10 @@ def main():
             "T",
             "eager loop",
             "eager grouped",
-            "inductor",
-            "inductor_moe",
+            *(v[0] for v in VARIANTS),
             "runner",
             "inductor_moe / inductor",
+            "the rewrites alone: inductor_moe −PDL / inductor",
             "runner vs eager loop",
             "rewritten share under inductor",
         ],

@@ -8,7 +8,8 @@ which the C++ host glue, kernels/csrc/launcher.cpp, reads itself per launch, wit
 | variable                  | default                    | meaning                                                |
 |---------------------------|----------------------------|--------------------------------------------------------|
 | INDUCTOR_MOE_CACHE_DIR    | ~/.cache/inductor_moe      | compiled kernels and host glue, keyed by source/options|
-| INDUCTOR_MOE_PDL          | 1                          | programmatic dependent launch on sm90+ (0 turns it off)|
+| INDUCTOR_MOE_PDL          | 1                          | programmatic dependent launch on sm90+ for our kernels |
+|                           |                            | and, under backend="inductor_moe", Inductor's (0: off) |
 | INDUCTOR_MOE_CXX          | $CXX, else g++             | C++ compiler for the host glue                         |
 | INDUCTOR_MOE_FAMILIES     | gated_act,topk_pack,combine| which lowerings rewrite graphs ("" or "none": none)    |
 | INDUCTOR_MOE_DEVICES      | cuda                       | device types whose graphs are rewritten (cpu,cuda: both)|
@@ -60,6 +61,20 @@ def pdl_enabled() -> bool:
     """Whether kernels launch with programmatic dependent launch (only ever on sm90+). Read from the
     environment only (not :func:`override`): the C++ launcher reads the same variable."""
     return os.environ.get("INDUCTOR_MOE_PDL", "1") != "0"
+
+
+def inductor_pdl() -> bool:
+    """Whether ``backend="inductor_moe"`` compiles Inductor's own Triton kernels with programmatic dependent
+    launch (Inductor's ``triton.enable_pdl``, which only acts on CUDA devices of sm90+).
+
+    Why it is on: at small batch a MoE block is a chain of ~20 launches of a microsecond each, and PDL lets each
+    start while the one before drains (FACTS.md: Inductor's packing kernel 1.12-1.47 -> 0.81-1.06 us); stock
+    Inductor leaves it off. Under this backend every Inductor kernel waits before its first global access and
+    none triggers its dependents early (backend.py: Inductor's own placement can race, and its early trigger
+    cost 5% at T=4096); ours wait first too. Measured end to end in BENCHMARKS.md (bench_moe_block's PDL
+    columns).
+    """
+    return pdl_enabled()
 
 
 def cxx() -> str:

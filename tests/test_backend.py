@@ -83,6 +83,34 @@ def test_user_pass_in_options_and_in_config_both_run():
     assert mine.calls == 1 and [r.family for r in rep.rewrites] == ["gated_act"]
 
 
+class PdlProbe(CountingPass):
+    """A user pass that records Inductor's PDL setting in force while the graph compiles."""
+
+    def __call__(self, graph):
+        super().__call__(graph)
+        self.pdl = inductor_config.triton.enable_pdl
+
+
+@pytest.mark.parametrize(
+    "backend_name, options, env, expected",
+    [
+        ("inductor_moe", {}, None, True),  # our backend turns Inductor's PDL on
+        ("inductor_moe", {"triton.enable_pdl": False}, None, False),  # the user's option wins
+        ("inductor_moe", {}, "0", False),  # INDUCTOR_MOE_PDL=0 turns off every PDL launch
+        ("inductor", {}, None, False),  # the stock backend is left as it is
+    ],
+)
+def test_backend_turns_inductor_pdl_on(backend_name, options, env, expected, monkeypatch):
+    if env is not None:
+        monkeypatch.setenv("INDUCTOR_MOE_PDL", env)
+    probe = PdlProbe(f"pdl-probe-{backend_name}-{options}-{env}")
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_post_pass=probe, force_disable_caches=True):
+        f = torch.compile(lambda x: x * 2 + 1, backend=backend_name, options=options)
+        assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    assert probe.calls == 1 and probe.pdl is expected
+
+
 @pytest.mark.skipif(torch.__version__ < "2.13", reason="pass lists arrived in torch 2.13")
 def test_user_pass_list():
     a, b = CountingPass("a"), CountingPass("b")

@@ -100,3 +100,84 @@ def test_compiled_grouped_block_reads_through_the_sort(tokens):
     assert re.search(r"inductor_moe\.moe_combine\.default\(.*, 9, 8, .*, True\)", code), code  # zero_dead_rows
     assert not out.isnan().any()
     torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
+
+
+needs_pdl = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
+)
+
+
+def triton_kernels(code: str) -> dict[str, str]:
+    """Each Triton kernel's source in Inductor's generated code, by name, from its def on."""
+    found = re.findall(r"async_compile\.triton\('(\w+)', '''(.*?)'''", code, re.S)
+    return {name: src[src.index("def triton_") :] for name, src in found}
+
+
+def first_access(src: str) -> int:
+    return min(i for i in (src.find("tl.load("), src.find("tl.store(")) if i >= 0)
+
+
+@needs_pdl
+def test_every_inductor_kernel_waits_before_its_first_access():
+    # a fill kernel touches nothing its predecessor wrote: stock Inductor's PDL gives it no wait at all, which
+    # lets the kernel after it start while older kernels still write (backend.py); under our backend every
+    # kernel waits before its first access
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x, y):
+        return (x * 2).sum(-1), torch.zeros(x.shape[0] * 3, device=x.device), y + 1
+
+    x, y = torch.randn(37, 64, device="cuda"), torch.randn(5, device="cuda")
+    for backend, options in (("inductor", {"triton.enable_pdl": True}), ("inductor_moe", {})):
+        torch._dynamo.reset()
+        out, code = run_and_get_code(torch.compile(f, backend=backend, options=options), x, y)
+        kernels = triton_kernels("\n".join(code))
+        fills = [name for name, src in kernels.items() if "tl.load(" not in src]
+        assert fills and len(kernels) > len(fills), kernels
+        waits_first = {name: 0 <= src.find("gdc_wait") < first_access(src) for name, src in kernels.items()}
+        if backend == "inductor":
+            assert not any(waits_first[name] for name in fills), kernels
+        else:  # and none triggers its dependents early (backend.py: that cost large batches)
+            assert all(waits_first.values()), kernels
+            assert not any("gdc_launch_dependents" in src for src in kernels.values()), kernels
+        torch.testing.assert_close(out[0], (x * 2).sum(-1))
+        assert out[1].eq(0).all() and torch.equal(out[2], y + 1)
+
+
+@needs_pdl
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_inductor_pdl_under_the_backend_is_race_free(cudagraphs):
+    # backend="inductor_moe" launches Inductor's own Triton kernels with PDL (config.inductor_pdl); every
+    # kernel of the block then overlaps its launch with the one before, so a missing wait would show up as a
+    # result that changes between two runs on the same input, on some of many fresh inputs. Against the same
+    # block compiled without PDL only rounding may differ: each compile autotunes its routing softmax's
+    # reduction on its own, and two block sizes sum in two orders.
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    experts, hidden, inter, k = 16, 256, 192, 4
+    w13 = (torch.randn(8, 2 * inter, hidden, device="cuda") / 16).bfloat16()
+    w2 = (torch.randn(8, hidden, inter, device="cuda") / 14).bfloat16()
+    block = GroupedMoE(w13, w2, k, (4, 12)).cuda()
+    compiled = {
+        pdl: torch.compile(
+            block, backend="inductor_moe", options={"triton.enable_pdl": pdl, "triton.cudagraphs": cudagraphs}
+        )
+        for pdl in (True, False)
+    }
+    x = torch.randn(64, hidden, device="cuda").bfloat16()
+    logits = torch.randn(64, experts, device="cuda")
+    with torch.no_grad():
+        _, code = run_and_get_code(compiled[True], x, logits)
+        code = "\n".join(code)
+        kernels = triton_kernels(code)
+        assert kernels and all(0 <= src.find("gdc_wait") < first_access(src) for src in kernels.values()), kernels
+        for _ in range(20):
+            x = torch.randn(64, hidden, device="cuda").bfloat16()
+            logits = torch.randn(64, experts, device="cuda")
+            with_pdl = compiled[True](x, logits).clone()
+            again = compiled[True](x, logits).clone()
+            without = compiled[False](x, logits).clone()
+            assert torch.equal(with_pdl, again), (with_pdl - again).abs().max()
+            torch.testing.assert_close(with_pdl, without, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
