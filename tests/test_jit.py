@@ -87,6 +87,33 @@ def test_pdl_instructions_only_on_sm90_and_later(cache, family):
     assert "ld.global.v4.u32" in ptx90 or "ld.global.v4.b32" in ptx90
 
 
+def _sass(cubin: Path) -> list[str]:
+    """The instructions of a cubin, disassembled by the cuobjdump that Triton's package carries."""
+    triton = pytest.importorskip("triton")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"no cuobjdump at {tool}")
+    text = subprocess.run([str(tool), "--dump-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    return re.findall(r"/\*[0-9a-f]{4}\*/\s+([^;]*);", text)
+
+
+_FLOAT_MATH = re.compile(r"(@!?P\d+\s+)?(FFMA|FMUL|FADD|FSETP|MUFU)\b")
+
+
+@pytest.mark.parametrize("variant", [v for v in ACT_AND_MUL_VARIANTS if v["IM_VEC"] > 1], ids=str)
+def test_act_and_mul_loads_gate_and_up_back_to_back(variant):
+    # A pack's gate and up loads are issued together, before any math: one memory latency a pack, not two.
+    # ptxas delayed the up load past the gate's activation (to save registers under the 32-register cap)
+    # in every bf16 variant until tie() in csrc/common.cuh. The loop's two loads are the last loads of the
+    # access width in the kernel (an expert id of the same width is loaded before them).
+    lines = _sass(jit.compile_variant("act_and_mul", variant, "sm_90a"))
+    width = (4 if variant["IM_DTYPE"] == 0 else 2) * variant["IM_VEC"]
+    load = {8: "LDG.E.64 ", 16: "LDG.E.128 "}[width]
+    gate, up = [i for i, line in enumerate(lines) if line.startswith(load)][-2:]
+    between = [line for line in lines[gate + 1 : up] if _FLOAT_MATH.match(line)]
+    assert not between, (variant, lines[gate : up + 1])
+
+
 @pytest.mark.parametrize("arch,max_registers", [("sm_90a", 32), ("sm_100a", 255)])
 def test_no_act_and_mul_variant_spills_or_exceeds_its_register_cap(arch, max_registers):
     # sm_90: __launch_bounds__(256, 8), a full SM of threads; more registers would cut occupancy (gelu at

@@ -52,6 +52,21 @@ struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// Makes every word of `a` depend on the first word of `b` without changing it (prmt with selector 0x3210
+// returns its first operand). Called right after loading a pair of packs, it keeps ptxas from delaying the
+// second load past the math on the first to save registers: under act_and_mul's 32-register cap it did that
+// for the bf16 variants (sm_90a, NVRTC 13.0), two memory latencies a pack instead of one. The prmt is folded
+// away after scheduling; the order stays (tests/test_jit.py checks the SASS).
+template <typename P>
+__device__ __forceinline__ void tie(P& a, const P& b) {
+  if constexpr (sizeof(P) >= 4) {
+    unsigned int* aw = reinterpret_cast<unsigned int*>(&a);
+    const unsigned int bw = *reinterpret_cast<const unsigned int*>(&b);
+#pragma unroll
+    for (int i = 0; i < sizeof(P) / 4; ++i) asm("prmt.b32 %0, %0, %1, 0x3210;" : "+r"(aw[i]) : "r"(bw));
+  }
+}
+
 // Programmatic dependent launch (sm90+). wait: block until the previous grid in the stream has finished and
 // its writes are visible; it must come before the first global read. launch_dependents: let the next grid
 // start its prologue. Both are no-ops when the kernel was not launched with programmatic serialization.
@@ -67,6 +82,10 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// row / step, skipping the division when step is 1 (ids per row): a 64-bit division is a software routine
+// (a few dozen instructions even on its 32-bit fast path), on the way to every filtered row's first load.
+__device__ __forceinline__ long long step_slot(long long row, long long step) { return step == 1 ? row : row / step; }
+
 // The expert filter of DESIGN.md: row r is live iff expert_ids[r / step] lies in [lo, hi), a range that wraps
 // around when lo > hi (live iff id >= lo or id < hi; that is how the lowerings express `id != c`). One
 // unsigned compare of the differences mod 2^64 covers both cases.
@@ -76,8 +95,9 @@ __device__ __forceinline__ bool row_is_live(const void* expert_ids, long long ro
   if constexpr (FILTER == 0) {
     return true;
   } else {
-    const long long id = FILTER == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[row / step])
-                                     : static_cast<const long long*>(expert_ids)[row / step];
+    const long long slot = step_slot(row, step);
+    const long long id = FILTER == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[slot])
+                                     : static_cast<const long long*>(expert_ids)[slot];
     return static_cast<unsigned long long>(id) - static_cast<unsigned long long>(lo) <
            static_cast<unsigned long long>(hi) - static_cast<unsigned long long>(lo);
   }

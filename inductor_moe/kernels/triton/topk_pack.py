@@ -53,8 +53,9 @@ def topk_pack_kernel(
     if USE_PDL:
         tl.extra.cuda.gdc_wait()  # before the first global read
         # Trigger at once, not after the store: the next grid's own wait still orders it after this one, and
-        # these grids (at most 64 blocks at T=8192, K=8) leave the SMs free for it to launch early. H100, chain
-        # of 32 in a CUDA graph: 1.18 -> 0.95 us a kernel at T=64, 1.30 -> 1.15 at T=8192; T=1 unchanged.
+        # these grids (at most 256 blocks of 4 warps at T=8192, K=8) leave room on the SMs for it to launch early.
+        # H100, chain of 32 in a CUDA graph: 1.18 -> 0.95 us a kernel at T=64, 1.30 -> 1.15 at T=8192; T=1
+        # unchanged.
         # (The activation kernel, whose grids fill the GPU, triggers at the end; see act_and_mul.cu.)
         tl.extra.cuda.gdc_launch_dependents()
     # 32-bit offsets (numel < 2**31 is checked by the op) and K a compile-time constant: a 64-bit division by
@@ -78,10 +79,14 @@ def topk_pack_kernel(
     tl.store(out_ptr + offs, packed, mask=mask)
 
 
-# At most 1024 elements a program (T=8192, K=8 is 64 programs), and one element a thread for small inputs:
-# a thread's chain of masked loads is the latency of a one-program launch. H100, CUDA graph, T=1 (8 elements)
-# with 1024 elements over 4 warps: 1.35 us (1.08 in a PDL chain); with 32 over one warp: 0.80 (0.80).
-_MAX_BLOCK = 1024
+# At most 256 elements a program (two a thread; T=8192, K=8 is 256 programs), and one element a thread for
+# small inputs: a thread's chain of masked loads is the latency of the launch. H100, CUDA graph with PDL, µs
+# per kernel (2026-11-23): T=1 (8 elements) with 1024 elements over 4 warps 1.35, with 32 over one warp 0.80;
+# T=1024 with 1024 over 4 warps 0.90, with 256 over 4 warps 0.73; T=8192 1.02 -> 0.89. 128 elements a program
+# (one a thread) were slower from T=1024 (0.80, 0.98), and so were bigger programs with 8 warps (T=8192 with
+# 1024 over 8 warps 0.95). A contiguous-input path without the row/column arithmetic, which lets Triton
+# vectorize, matched the strided one at this size (T=8192 0.94 vs 0.89-0.94), so there is one path.
+_MAX_BLOCK = 256
 
 
 def _block(numel: int) -> tuple[int, int]:
