@@ -16,8 +16,9 @@ struct ActAndMulParams {
   long long expert_step;
   long long expert_lo;
   long long expert_hi;
-  int d;          // output columns; 2d < 2**31 is checked on the host, so column offsets fit 32 bits
-  int zero_dead;  // 1: dead rows are written with zeros (act_and_mul); 0: left untouched (act_and_mul_out)
+  int d;           // output columns; 2d < 2**31 is checked on the host, so column offsets fit 32 bits
+  int zero_dead;   // 1: dead rows are written with zeros (act_and_mul); 0: left untouched (act_and_mul_out)
+  int read_ahead;  // 1: load a thread's first pack before its row's expert id (filtered kernels only)
 };
 
 }  // namespace inductor_moe

@@ -86,21 +86,20 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // (a few dozen instructions even on its 32-bit fast path), on the way to every filtered row's first load.
 __device__ __forceinline__ long long step_slot(long long row, long long step) { return step == 1 ? row : row / step; }
 
-// The expert filter of DESIGN.md: row r is live iff expert_ids[r / step] lies in [lo, hi), a range that wraps
-// around when lo > hi (live iff id >= lo or id < hi; that is how the lowerings express `id != c`). One
-// unsigned compare of the differences mod 2^64 covers both cases.
-template <int FILTER>
-__device__ __forceinline__ bool row_is_live(const void* expert_ids, long long row, long long step, long long lo,
-                                            long long hi) {
-  if constexpr (FILTER == 0) {
-    return true;
-  } else {
-    const long long slot = step_slot(row, step);
-    const long long id = FILTER == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[slot])
-                                     : static_cast<const long long*>(expert_ids)[slot];
-    return static_cast<unsigned long long>(id) - static_cast<unsigned long long>(lo) <
-           static_cast<unsigned long long>(hi) - static_cast<unsigned long long>(lo);
-  }
+// Element `offset` of an int32 (CODE 1) or int64 (CODE 2) id array, widened; expert ids and the index into
+// them are coded alike (host_common.h).
+template <int CODE>
+__device__ __forceinline__ long long load_expert_id(const void* expert_ids, long long offset) {
+  return CODE == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[offset])
+                   : static_cast<const long long*>(expert_ids)[offset];
+}
+
+// The expert filter of DESIGN.md: an id is live iff it lies in [lo, hi), a range that wraps around when lo > hi
+// (live iff id >= lo or id < hi; that is how the lowerings express `id != c`). One unsigned compare of the
+// differences mod 2^64 covers both cases.
+__device__ __forceinline__ bool id_is_live(long long id, long long lo, long long hi) {
+  return static_cast<unsigned long long>(id) - static_cast<unsigned long long>(lo) <
+         static_cast<unsigned long long>(hi) - static_cast<unsigned long long>(lo);
 }
 
 }  // namespace inductor_moe
