@@ -105,7 +105,8 @@ def test_act_and_mul_loads_gate_and_up_back_to_back(variant):
     # A pack's gate and up loads are issued together, before any math: one memory latency a pack, not two.
     # ptxas delayed the up load past the gate's activation (to save registers under the 32-register cap)
     # in every bf16 variant until tie() in csrc/common.cuh. The loop's two loads are the last loads of the
-    # access width in the kernel (an expert id of the same width is loaded before them).
+    # access width in the kernel (an expert id of the same width, and a first pack read ahead of the id, are
+    # loaded before them).
     lines = _sass(jit.compile_variant("act_and_mul", variant, "sm_90a"))
     width = (4 if variant["IM_DTYPE"] == 0 else 2) * variant["IM_VEC"]
     load = {8: "LDG.E.64 ", 16: "LDG.E.128 "}[width]
