@@ -122,8 +122,8 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 
 // 256 threads x 8 blocks fill an SM's 2048 threads, which caps registers at 32 a thread. Without the cap
 // gelu (erff) took 42 and ran at 5/8 occupancy: 8192x2048 bf16 37.95 us against Inductor's 35.08 us.
-// sm_100's ptxas spills at that cap (up to 28 bytes with two packs in flight; still 8 at 40 registers), so
-// there the compiler chooses; not yet measured on such a device.
+// sm_100's ptxas spills at that cap (8 bytes in 6 variants with one pack in flight, up to 28 with the earlier
+// two), so there the compiler chooses; not yet measured on such a device.
 #if __CUDA_ARCH__ >= 1000
 #define IM_MIN_BLOCKS_PER_SM 1
 #else
