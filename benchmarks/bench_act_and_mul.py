@@ -216,11 +216,7 @@ def main():
     torch.manual_seed(0)
     dtype = torch.bfloat16
     timing.header()
-    copy_gbs = timing.copy_bandwidth_gbs()
-    print(
-        f"device-to-device copy: {copy_gbs:.0f} GB/s through the SMs, {timing.memcpy_bandwidth_gbs():.0f} GB/s as a "
-        "memcpy (read + write)"
-    )
+    copy_gbs = timing.report_copy_bandwidth()
     if args.quick:
         shapes, activations = [(1, 2048), (64, 14336), (8192, 2048)], ["silu"]
         filt_shapes, fractions = [(8192, 2048)], [0.0, 0.5]

@@ -39,11 +39,7 @@ def eager_bmm(expert_out, w):
 def main():
     torch.manual_seed(0)
     timing.header()
-    copy_gbs = timing.copy_bandwidth_gbs()
-    print(
-        f"device-to-device copy: {copy_gbs:.0f} GB/s through the SMs, {timing.memcpy_bandwidth_gbs():.0f} GB/s as a "
-        "memcpy (read + write)"
-    )
+    copy_gbs = timing.report_copy_bandwidth()
     rows = []
     for t in (1, 64, 1024, 8192):
         nbytes = (t * K * H + t * H) * 2

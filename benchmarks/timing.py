@@ -85,23 +85,23 @@ def buffer_sets(bytes_per_call: int, max_sets: int = 8) -> int:
     return max(1, min(max_sets, math.ceil(2 * l2 / max(bytes_per_call, 1))))
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy rate through the SMs in GB/s, counting bytes read plus bytes written: the rate a
-    memory-bound kernel can reach. Measured with an elementwise kernel (torch.neg, 16-byte accesses), not
-    ``copy_``: a contiguous ``copy_`` is a memcpy, which a CUDA graph runs on the copy engines, slower than the
-    SMs (H200, 2026-12-01: 2759 GB/s, while our activation streamed 4203 GB/s in the same run; H100: 2438)."""
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, memcpy: bool = False) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written: through the SMs, the rate a
+    memory-bound kernel can reach, timed with an elementwise kernel (torch.neg, 16-byte accesses); or, with
+    ``memcpy``, of ``copy_``, which a CUDA graph runs as a memcpy on the copy engines, slower than the SMs (H200,
+    2026-12-01: 2766 GB/s against 4257; our activation streamed 4213 GB/s in that run)."""
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    us = graph_us([lambda: torch.neg(src, out=dst)], calls=8)
+    copy = (lambda: dst.copy_(src)) if memcpy else (lambda: torch.neg(src, out=dst))
+    us = graph_us([copy], calls=8)
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
-def memcpy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
-    """The same for ``copy_`` (a memcpy in a CUDA graph), printed beside the SM rate."""
-    src = torch.randn(nbytes // 4, device="cuda")
-    dst = torch.empty_like(src)
-    us = graph_us([lambda: dst.copy_(src)], calls=8)
-    return 2 * nbytes / (us * 1e-6) / 1e9
+def report_copy_bandwidth() -> float:
+    """Print both copy rates; return the one through the SMs (what "% of copy" divides by)."""
+    gbs = copy_bandwidth_gbs()
+    print(f"device-to-device copy: {gbs:.0f} GB/s through the SMs, {copy_bandwidth_gbs(memcpy=True):.0f} as a memcpy")
+    return gbs
 
 
 def device_name() -> str:
