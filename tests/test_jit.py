@@ -115,6 +115,26 @@ def test_act_and_mul_loads_gate_and_up_back_to_back(variant):
     assert not between, (variant, lines[gate : up + 1])
 
 
+_RENORM_TOKEN_MAJOR_8_BYTE = [
+    v
+    for v in COMBINE_VARIANTS
+    if v["IM_RENORM"] and not v["IM_FILTER"] and not v["IM_ROWS"] and v["IM_DTYPE"] != 0 and v["IM_VEC"] == 4
+]
+
+
+@pytest.mark.parametrize("variant", _RENORM_TOKEN_MAJOR_8_BYTE, ids=str)
+def test_combine_issues_its_row_loads_before_renormalising(variant):
+    # The unstaged combine with renormalised weights issues all eight rows' loads before the first division
+    # (MUFU.RCP starts the IEEE sequence). With the divisions first, each one's slow-path branch stood between
+    # two row loads and waited for its weight, so a T=1 launch paid a memory latency a pair (K=8: 3.08 us, 1.95
+    # with the loads first, H200).
+    lines = _sass(jit.compile_variant("combine", variant, "sm_90a"))
+    rows = [i for i, line in enumerate(lines) if line.startswith("LDG.E.64 ")]
+    divisions = [i for i, line in enumerate(lines) if re.match(r"(@!?P\d+\s+)?MUFU\.RCP\b", line)]
+    assert len(rows) >= 8 and divisions, (variant, lines)
+    assert max(rows[:8]) < min(divisions), (variant, lines)
+
+
 @pytest.mark.parametrize("arch,max_registers", [("sm_90a", 32), ("sm_100a", 255)])
 def test_no_act_and_mul_variant_spills_or_exceeds_its_register_cap(arch, max_registers):
     # sm_90: __launch_bounds__(256, 8), a full SM of threads; more registers would cut occupancy (gelu at

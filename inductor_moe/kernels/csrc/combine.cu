@@ -39,11 +39,6 @@ __device__ __forceinline__ float renormalized(float w, float divisor) {
   }
 }
 
-template <int WDTYPE, int RENORM>
-__device__ __forceinline__ float pair_weight(const CombineParams& p, long long t, int j, float divisor) {
-  return renormalized<WDTYPE, RENORM>(load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]), divisor);
-}
-
 template <int ROWS>
 __device__ __forceinline__ long long source_row(const CombineParams& p, long long t, int j) {
   if constexpr (ROWS == 0) {
@@ -55,17 +50,23 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
   }
 }
 
-// acc += sum over pairs s in [0, n) of weight(s) * expert_out[row(s)][pack], eight pairs at a time: the
-// eight row loads (and weight loads, when those come from global memory) are all issued before the first
-// add. row(s) < 0 marks a dead pair, whose row is not read; with ZERO_DEAD (zero_dead_rows) it adds
-// weight(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns it into -0) unless the weight
-// is NaN or infinite.
-template <int DTYPE, int VEC, int ZERO_DEAD, typename RowFn, typename WeightFn>
+// acc += sum over pairs s in [0, n) of w(s) * expert_out[row(s)][pack], eight pairs at a time, where w(s) is
+// weight_of(s), divided by divisor_of() with RENORM (renormalized above). The eight row loads (and weight loads,
+// when those come from global memory) are all issued before any arithmetic, the divisor and the divisions
+// included: a division between two row loads (the IEEE sequence branches to its slow path) waited for its
+// weight before the next row load left, one memory latency a pair. H200, token-major, renormalised, bf16 in a
+// CUDA graph: T=1, K=2, H=4096 1.78 -> 1.49 us (1.20 without renormalising); K=8, H=2048 3.08 -> 1.95; T=16,
+// K=2 2.33 -> 2.11. row(s) < 0 marks a dead pair, whose row is not read; with ZERO_DEAD (zero_dead_rows) it
+// adds w(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns it into -0) unless the weight is
+// NaN or infinite.
+template <int DTYPE, int WDTYPE, int VEC, int RENORM, int ZERO_DEAD, typename RowFn, typename WeightFn,
+          typename DivisorFn>
 __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
-                                           float (&acc)[VEC]) {
+                                           DivisorFn divisor_of, float (&acc)[VEC]) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
   constexpr bool weigh_dead = ZERO_DEAD != 0;
+  float divisor = 1.0f;
   for (int s0 = 0; s0 < n; s0 += 8) {
     P x[8];
     float w[8];
@@ -81,14 +82,17 @@ __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int
         w[u] = weight_of(s0 + u);
       }
     }
+    if (RENORM && s0 == 0) divisor = divisor_of();
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
       if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
+        const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * to_float<DTYPE>(x[u].v[i]);
+        for (int i = 0; i < VEC; ++i) acc[i] += wu * to_float<DTYPE>(x[u].v[i]);
       } else if (weigh_dead && s0 + u < n) {
+        const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += w[u] * 0.0f;
+        for (int i = 0; i < VEC; ++i) acc[i] += wu * 0.0f;
       }
     }
   }
@@ -107,13 +111,24 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
 
   if constexpr (FILTER == 0 && ROWS == 0) {
-    const float divisor = RENORM ? weight_sum<WDTYPE>(p, t) : 1.0f;
     // Unfiltered and token-major: the rows are t * k + j, known without a load, so a thread reads weights
     // and rows in one round trip instead of staging's two (T=1, H=7168 bf16: 2.19 us staged).
+    const auto raw_weight = [&](int j) {
+      return load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
+    };
     if (owns_pack) {
-      accumulate<DTYPE, VEC, 0>(
-          p, pack, p.k, [&](int j) { return t * p.k + j; },
-          [&](int j) { return pair_weight<WDTYPE, RENORM>(p, t, j, divisor); }, acc);
+      if constexpr (RENORM && sizeof(P) > 8) {
+        // 16-byte packs (fp32 output) hold the eight rows in twice the registers: divided after their loads,
+        // the weights spilled them (36 bytes), so there the sum and the divisions come first
+        const float divisor = weight_sum<WDTYPE>(p, t);
+        accumulate<DTYPE, WDTYPE, VEC, 0, 0>(
+            p, pack, p.k, [&](int j) { return t * p.k + j; },
+            [&](int j) { return renormalized<WDTYPE, RENORM>(raw_weight(j), divisor); }, [] { return 1.0f; }, acc);
+      } else {
+        accumulate<DTYPE, WDTYPE, VEC, RENORM, 0>(
+            p, pack, p.k, [&](int j) { return t * p.k + j; }, raw_weight, [&] { return weight_sum<WDTYPE>(p, t); },
+            acc);
+      }
     }
   } else {
     __shared__ float stage_weight[kStage];
@@ -125,7 +140,10 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         // The pair's id, source row and weight (and the weights' sum) are loaded together, live or not (they
         // are [T, K] arrays, in bounds for every pair): one memory latency instead of a chain of the sum, the id,
         // then row and weight. H100, gathered, filtered and renormalised as a grouped MoE block combines
-        // (bf16, 7/8 of the experts remote): T=1, K=8, H=2048 2.33 -> 2.09 us, T=16 2.54 -> 2.29.
+        // (bf16, 7/8 of the experts remote): T=1, K=8, H=2048 2.33 -> 2.09 us, T=16 2.54 -> 2.29. The division
+        // stays here, ahead of the barrier, rather than after every thread's row loads: there its IEEE sequence
+        // (and the call of its slow path) made ptxas spill the eight rows under the 64-register cap (92-196
+        // bytes in the 16-byte variants that large T uses).
         bool live = true;
         if constexpr (FILTER != 0) {
           const long long id = load_expert_id<FILTER>(p.topk_ids, t * p.ids_strides[0] + j * p.ids_strides[1]);
@@ -145,8 +163,9 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
       }
       __syncthreads();
       if (owns_pack) {
-        accumulate<DTYPE, VEC, ZERO_DEAD>(
-            p, pack, n, [&](int s) { return stage_row[s]; }, [&](int s) { return stage_weight[s]; }, acc);
+        accumulate<DTYPE, WDTYPE, VEC, 0, ZERO_DEAD>(
+            p, pack, n, [&](int s) { return stage_row[s]; }, [&](int s) { return stage_weight[s]; },
+            [] { return 1.0f; }, acc);
       }
       __syncthreads();  // the stage is rewritten by the next round
     }
