@@ -9,8 +9,8 @@ inductor does not) and each with that setting flipped, which separates the rewri
 inductor_moe.moe.moe called directly. Shapes: Qwen3-30B-A3B-like (hidden 2048,
 128 experts, top-8, intermediate 768) and Mixtral-like (hidden 4096, 8 experts, top-2, intermediate 14336),
 without and with an expert-parallel local range of 1/8 of the experts. µs per call inside a CUDA graph
-(benchmarks/timing.py), except the eager loop (its torch.where syncs with the host: CUDA events over
-back-to-back calls).
+(benchmarks/timing.py), median of three rounds that each time every column once in a rotated order,
+except the eager loop (its torch.where syncs with the host: CUDA events over back-to-back calls; timed once).
 
 Also: the share of the block's time under inductor spent in the computations we rewrite (the masked gated
 activation and the combine, each compiled alone with inductor), and our activation as the runner calls it
@@ -20,6 +20,7 @@ activation and the combine, each compiled alone with inductor), and our activati
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -52,6 +53,19 @@ def us(fn) -> float:
     except RuntimeError as e:  # not capturable (a host sync): say so, time it without a graph
         print(f"(no CUDA graph: {str(e).splitlines()[0][:100]}; timed with events)")
         return timing.events_us(fn)
+
+
+def interleaved(calls: dict, rounds: int = 3) -> dict:
+    """Median µs of each call over ``rounds`` rounds, each round timing every call once in an order rotated by
+    one: a latency-bound launch timed later in a process can run slower than the same launch timed first (H200,
+    silu 1x2048 alone: 0.91 us first, 1.09 us after the other shapes), so a fixed order would favour whichever
+    column comes first."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(us(calls[name]))
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def masked_act(h, remote):
@@ -93,10 +107,10 @@ def main():
                 t = {}
                 with torch.no_grad():
                     t["eager loop"] = timing.events_us(lambda: loop(x, logits), calls=3) if not ep else None
-                    t["eager"] = us(lambda: block(x, logits))
-                    for name, fn in compiled.items():
-                        t[name] = us(lambda fn=fn: fn(x, logits))
-                    t["runner"] = us(lambda: im.moe.moe(x, logits, w13[lo:hi], w2[lo:hi], top_k, expert_range=(lo, hi)))
+                    calls = {"eager": lambda: block(x, logits)}
+                    calls.update({name: lambda fn=fn: fn(x, logits) for name, fn in compiled.items()})
+                    calls["runner"] = lambda: im.moe.moe(x, logits, w13[lo:hi], w2[lo:hi], top_k, expert_range=(lo, hi))
+                    t.update(interleaved(calls))
                     # the rewritten computations alone under inductor, and our filtered activation
                     pairs = tokens * top_k
                     h = torch.randn(pairs, 2 * inter, device="cuda", dtype=torch.bfloat16)
