@@ -20,7 +20,6 @@ activation and the combine, each compiled alone with inductor), and our activati
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -53,19 +52,6 @@ def us(fn) -> float:
     except RuntimeError as e:  # not capturable (a host sync): say so, time it without a graph
         print(f"(no CUDA graph: {str(e).splitlines()[0][:100]}; timed with events)")
         return timing.events_us(fn)
-
-
-def interleaved(calls: dict, rounds: int = 3) -> dict:
-    """Median µs of each call over ``rounds`` rounds, each round timing every call once in an order rotated by
-    one: a latency-bound launch timed later in a process can run slower than the same launch timed first (H200,
-    silu 1x2048 alone: 0.91 us first, 1.09 us after the other shapes), so a fixed order would favour whichever
-    column comes first."""
-    names = list(calls)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(us(calls[name]))
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def masked_act(h, remote):
@@ -110,7 +96,7 @@ def main():
                     calls = {"eager": lambda: block(x, logits)}
                     calls.update({name: lambda fn=fn: fn(x, logits) for name, fn in compiled.items()})
                     calls["runner"] = lambda: im.moe.moe(x, logits, w13[lo:hi], w2[lo:hi], top_k, expert_range=(lo, hi))
-                    t.update(interleaved(calls))
+                    t.update(timing.interleaved_us(calls, us))
                     # the rewritten computations alone under inductor, and our filtered activation
                     pairs = tokens * top_k
                     h = torch.randn(pairs, 2 * inter, device="cuda", dtype=torch.bfloat16)

@@ -73,6 +73,22 @@ def events_us(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> fl
     return statistics.median(times)
 
 
+def interleaved_us(
+    calls: dict[str, Callable[[], object]], timer: Callable[[Callable[[], object]], float], rounds: int = 3
+) -> dict[str, float]:
+    """Median µs of each of ``calls`` under ``timer`` over ``rounds`` rounds, each round timing every call once
+    in an order rotated by one. For columns of one table row that are compared with each other: a latency-bound
+    launch timed later in a process can run slower than the same launch timed first (H200, 2026-12-01: silu
+    1x2048 0.91 us as a process's first shape, 1.09 us after the others), so a fixed order favours whichever
+    column comes first."""
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timer(calls[name]))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def buffer_sets(bytes_per_call: int, max_sets: int = 8) -> int:
     """How many distinct input sets keep the working set at twice the L2 cache (at most ``max_sets``).
     BENCH_BUFFER_SETS=1 times one set instead: L2-resident where it fits, the way a benchmark that reruns one
