@@ -3,7 +3,8 @@
     python benchmarks/bench_act_and_mul.py            # full table (device machine)
     python benchmarks/bench_act_and_mul.py --quick    # a few shapes
 
-µs per call inside a CUDA graph (benchmarks/timing.py), GB/s counting the bytes the op must move (read
+µs per call inside a CUDA graph (benchmarks/timing.py), the columns of a row timed in rotated order (median of
+three rounds, timing.interleaved_us), GB/s counting the bytes the op must move (read
 gate+up, write out) and that as % of the device-to-device copy rate measured in the same run. Default
 torch.compile gets one static compiled function per shape (fullgraph, no fallback to eager).
 Also: the filtered kernel at several dead fractions, host cost per eager call, and JIT compile times.
@@ -68,9 +69,15 @@ def bench_unfiltered(shapes, activations, dtype, copy_gbs):
             xs = inputs(t, d, dtype, timing.buffer_sets(nbytes))
             eager = eager_act_and_mul(activation)
             comp = compiled(eager)
-            us_eager = timing.graph_us([lambda x=x: eager(x) for x in xs])
-            us_comp = timing.graph_us([lambda x=x, c=comp: c(x) for x in xs])
-            us_ours = timing.graph_us([lambda x=x: im.act_and_mul(activation, x) for x in xs])
+            us = timing.interleaved_us(
+                {
+                    "eager": [lambda x=x: eager(x) for x in xs],
+                    "compile": [lambda x=x, c=comp: c(x) for x in xs],
+                    "ours": [lambda x=x: im.act_and_mul(activation, x) for x in xs],
+                },
+                timing.graph_us,
+            )
+            us_eager, us_comp, us_ours = us["eager"], us["compile"], us["ours"]
             ours_us[(activation, t, d)] = us_ours
             gbs = nbytes / (us_ours * 1e-6) / 1e9
             rows.append(
@@ -107,12 +114,16 @@ def bench_filtered(shapes, fractions, dtype, unfiltered_us):
             dead = torch.rand(t, device="cuda") < frac
             ids = torch.where(dead, -1, torch.randint(0, 8, (t,), device="cuda")).to(torch.int32)
             live = 1.0 - dead.float().mean().item()
-            us_eager = timing.graph_us([lambda x=x: eager_masked(x, ids) for x in xs])
-            us_comp = timing.graph_us([lambda x=x, c=comp: c(x, ids) for x in xs])
-            us_zero = timing.graph_us([lambda x=x: im.silu_and_mul(x, expert_ids=ids) for x in xs])
-            us_keep = timing.graph_us(
-                [lambda x=x, o=o: im.silu_and_mul(x, out=o, expert_ids=ids) for x, o in zip(xs, outs)]
+            us = timing.interleaved_us(
+                {
+                    "eager": [lambda x=x: eager_masked(x, ids) for x in xs],
+                    "compile": [lambda x=x, c=comp: c(x, ids) for x in xs],
+                    "zero": [lambda x=x: im.silu_and_mul(x, expert_ids=ids) for x in xs],
+                    "keep": [lambda x=x, o=o: im.silu_and_mul(x, out=o, expert_ids=ids) for x, o in zip(xs, outs)],
+                },
+                timing.graph_us,
             )
+            us_eager, us_comp, us_zero, us_keep = us["eager"], us["compile"], us["zero"], us["keep"]
             ratio = us_keep / (base * live) if live > 0 else float("nan")
             rows.append(
                 [

@@ -6,7 +6,8 @@ The function (examples/moe_blocks.py's moe_tail at model sizes): the gated activ
 projection's output with an expert-parallel mask (where(ids == -1, 0, silu(gate) * up)), the packing of top-k
 ids and weights, and the weighted combine of the expert outputs (view * w, sum over k, cast back). Qwen3-30B-A3B
 sizes: top-8, expert intermediate 768, hidden 2048. µs per call inside a CUDA graph (benchmarks/timing.py),
-with no row dead and with 7/8 of the rows dead (expert parallelism over 8 ranks).
+with no row dead and with 7/8 of the rows dead (expert parallelism over 8 ranks); the columns of a row timed
+in rotated order (median of three rounds, timing.interleaved_us).
 """
 
 from __future__ import annotations
@@ -48,11 +49,12 @@ def main():
                         torch.randn(t * K, H, device="cuda", dtype=torch.bfloat16),
                     )
                 )
-            times = {}
+            torch._dynamo.reset()  # both backends' compiles then share dynamo's cache, guarded by backend
+            calls = {}
             for name in ("eager", "inductor", "inductor_moe"):
-                torch._dynamo.reset()
                 fn = moe_tail if name == "eager" else torch.compile(moe_tail, backend=name, dynamic=False)
-                times[name] = timing.graph_us([lambda a=a, fn=fn: fn(*a) for a in args])
+                calls[name] = [lambda a=a, fn=fn: fn(*a) for a in args]
+            times = timing.interleaved_us(calls, timing.graph_us)
             ratio = times["inductor_moe"] / times["inductor"]
             rows.append([f"{t}", f"{dead:.3f}", *(f"{times[n]:.2f}" for n in times), f"**{ratio:.2f}**"])
     timing.table(

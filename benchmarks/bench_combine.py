@@ -3,7 +3,8 @@
     python benchmarks/bench_combine.py
 
 out[t] = sum_k w[t, k] * expert_out[t * K + k] with fp32 accumulation, K=8, H=7168, bf16 expert outputs and
-fp32 weights; µs per call inside a CUDA graph (benchmarks/timing.py), GB/s over the bytes the op must move.
+fp32 weights; µs per call inside a CUDA graph (benchmarks/timing.py), the columns of a row timed in rotated
+order (median of three rounds, timing.interleaved_us), GB/s over the bytes the op must move.
 Also with the expert filter at half of the pairs dead: only the live rows are read.
 """
 
@@ -50,12 +51,19 @@ def main():
         torch._dynamo.reset()
         comp = torch.compile(eager_combine, dynamic=False, fullgraph=True)
         comp_masked = torch.compile(eager_masked, dynamic=False, fullgraph=True)
-        us_eager = timing.graph_us([lambda e=e: eager_combine(e, w) for e in eos])
-        us_bmm = timing.graph_us([lambda e=e: eager_bmm(e, w) for e in eos])
-        us_comp = timing.graph_us([lambda e=e: comp(e, w) for e in eos])
-        us_ours = timing.graph_us([lambda e=e: im.moe_combine(e, w) for e in eos])
-        us_comp_f = timing.graph_us([lambda e=e: comp_masked(e, w, ids) for e in eos])
-        us_ours_f = timing.graph_us([lambda e=e: im.moe_combine(e, w, ids) for e in eos])
+        us = timing.interleaved_us(
+            {
+                "eager": [lambda e=e: eager_combine(e, w) for e in eos],
+                "bmm": [lambda e=e: eager_bmm(e, w) for e in eos],
+                "compile": [lambda e=e: comp(e, w) for e in eos],
+                "ours": [lambda e=e: im.moe_combine(e, w) for e in eos],
+                "compile half dead": [lambda e=e: comp_masked(e, w, ids) for e in eos],
+                "ours half dead": [lambda e=e: im.moe_combine(e, w, ids) for e in eos],
+            },
+            timing.graph_us,
+        )
+        us_eager, us_bmm, us_comp, us_ours = us["eager"], us["bmm"], us["compile"], us["ours"]
+        us_comp_f, us_ours_f = us["compile half dead"], us["ours half dead"]
         gbs = nbytes / (us_ours * 1e-6) / 1e9
         rows.append(
             [

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_topk_pack.py
 
-µs per kernel inside a CUDA graph (benchmarks/timing.py) at K=8: 32 independent launches on one input, and a
+µs per kernel inside a CUDA graph (benchmarks/timing.py), the columns of a row timed in rotated order (median
+of three rounds, timing.interleaved_us), at K=8: 32 independent launches on one input, and a
 chain of 32 dependent launches (each packs the previous one's output as its ids), with and without PDL.
 """
 
@@ -47,13 +48,24 @@ def main():
             for _ in range(32):
                 x = im.pack_topk_ids_weights(x, w)
 
-        us = {
-            "eager": timing.graph_us([lambda: eager(ids, w)]),
-            "compile": timing.graph_us([lambda: comp(ids, w)]),
-        }
-        for pdl in (False, True):
-            us[f"ours pdl={pdl}"] = with_pdl(pdl, lambda: timing.graph_us([lambda: im.pack_topk_ids_weights(ids, w)]))
-            us[f"chain pdl={pdl}"] = with_pdl(pdl, lambda: timing.graph_us([chain]) / 32)
+        def ours(pdl):
+            return with_pdl(pdl, lambda: timing.graph_us([lambda: im.pack_topk_ids_weights(ids, w)]))
+
+        def ours_chain(pdl):
+            return with_pdl(pdl, lambda: timing.graph_us([chain]) / 32)
+
+        # each call returns its own µs, so the timer only runs it
+        us = timing.interleaved_us(
+            {
+                "eager": lambda: timing.graph_us([lambda: eager(ids, w)]),
+                "compile": lambda: timing.graph_us([lambda: comp(ids, w)]),
+                "ours pdl=False": lambda: ours(False),
+                "chain pdl=False": lambda: ours_chain(False),
+                "ours pdl=True": lambda: ours(True),
+                "chain pdl=True": lambda: ours_chain(True),
+            },
+            lambda measure: measure(),
+        )
         rows.append([f"{t}×{K}"] + [f"{v:.2f}" for v in us.values()])
     timing.table(
         "pack_topk_ids_weights, int32 ids + fp32 weights -> int32, µs per kernel in a CUDA graph",

@@ -73,7 +73,8 @@ def test_format():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("w_dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(0, 8), (1, 8), (7, 3), (37, 1), (4097, 8), (3, 5, 8)])
+# (8200, 9): past 65536 elements, programs of 512
+@pytest.mark.parametrize("shape", [(0, 8), (1, 8), (7, 3), (37, 1), (4097, 8), (3, 5, 8), (8200, 9)])
 def test_op_matches_reference(device, ids_dtype, w_dtype, shape):
     n = math.prod(shape)
     ids = torch.randint(-(2**31), 2**31 - 1, shape, device=device).to(ids_dtype)
@@ -154,7 +155,7 @@ def interpreted_topk_pack(monkeypatch):
 
 @pytest.mark.parametrize("ids_dtype", INDEX_DTYPES)
 @pytest.mark.parametrize("w_dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 8), (37, 3), (1500, 8)])
+@pytest.mark.parametrize("shape", [(1, 8), (37, 3), (1500, 8), (8200, 9)])  # the last: programs of 512
 def test_triton_kernel_in_interpreter(interpreted_topk_pack, ids_dtype, w_dtype, shape):
     n = math.prod(shape)
     ids = torch.randint(-(2**31), 2**31 - 1, shape).to(ids_dtype)

@@ -79,18 +79,24 @@ def topk_pack_kernel(
     tl.store(out_ptr + offs, packed, mask=mask)
 
 
-# At most 256 elements a program (two a thread; T=8192, K=8 is 256 programs), and one element a thread for
+# 256 elements a program (two a thread; T=8192, K=8 is 256 programs), and one element a thread for
 # small inputs: a thread's chain of masked loads is the latency of the launch. H100, CUDA graph with PDL, µs
 # per kernel (2026-11-23): T=1 (8 elements) with 1024 elements over 4 warps 1.35, with 32 over one warp 0.80;
 # T=1024 with 1024 over 4 warps 0.90, with 256 over 4 warps 0.73; T=8192 1.02 -> 0.89. 128 elements a program
 # (one a thread) were slower from T=1024 (0.80, 0.98), and so were bigger programs with 8 warps (T=8192 with
 # 1024 over 8 warps 0.95). A contiguous-input path without the row/column arithmetic, which lets Triton
 # vectorize, matched the strided one at this size (T=8192 0.94 vs 0.89-0.94), so there is one path.
+# Past 256 such programs (T=8192, K=8), 512 elements a program (four a thread): H200, CUDA graph with PDL,
+# 2026-12-01, T=32768 1.51 -> 1.12 us a kernel, T=8192 0.79 either way, while at T=64 and 1024 512-element
+# programs were slower (0.62 -> 0.68, 0.69 -> 0.72).
 _MAX_BLOCK = 256
+_LARGE_BLOCK = 512
 
 
 def _block(numel: int) -> tuple[int, int]:
     """(elements, warps) of one program."""
+    if numel > 256 * _MAX_BLOCK:
+        return _LARGE_BLOCK, 4
     block = min(_MAX_BLOCK, max(32, triton.next_power_of_2(numel)))
     return block, max(1, min(4, block // 32))
 
