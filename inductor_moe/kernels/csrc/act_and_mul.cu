@@ -14,8 +14,8 @@ namespace inductor_moe {
 enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 
 // Same formulas as torch's CUDA kernels, in fp32, a few fp32 ulps from them at most (see the tolerances in
-// tests/helpers.py): accurate tanhf; for silu an approximate reciprocal, and for 16-bit inputs an approximate
-// exp too; erff for fp32 gelu, an erfc fit with approximate exp and reciprocal for 16-bit inputs.
+// tests/helpers.py): accurate erff and tanhf; for silu an approximate reciprocal, and for 16-bit inputs an
+// approximate exp too.
 template <int DTYPE, int ACT>
 __device__ __forceinline__ float activation(float x) {
   if constexpr (ACT == kSilu) {
@@ -34,34 +34,7 @@ __device__ __forceinline__ float activation(float x) {
     }
     return __fdividef(x, 1.0f + e);
   } else if constexpr (ACT == kGelu) {
-    if constexpr (DTYPE == kFloat32) {
-      return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
-    } else {
-      // For 16-bit inputs erf(z) = sign(z) * (1 - erfc(|z|)), erfc from Numerical Recipes' Chebyshev fit
-      // (relative error below 1.2e-7 everywhere) with one rcp.approx and one ex2.approx: 315 -> 282 SASS
-      // instructions where gelu was instruction-bound. 1 - erfc is rounded to fp32 before 1 + erf, so the
-      // negative tail cancels as torch's 1 + erff(z) does. Over every finite bf16 input it matches the
-      // reference as often as erff did (the same 24 of 65280 inputs differ by an ulp; fp16 380 of 63488, 410
-      // with erff). H200, CUDA graph: 8192x2048 29.4-29.9 -> 26.9-27.0 us, fp16 29.0-29.4 -> 26.2, 8192x768
-      // 11.7-12.1 -> 10.5-11.2, 64x14336 2.51-2.59 -> 2.43-2.44, 1x2048 1.04-1.07 -> 0.99-1.01.
-      const float z = fabsf(x) * 0.70710678118654752440f;
-      float t;
-      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(t) : "f"(fmaf(0.5f, z, 1.0f)));
-      float q = 0.17087277f;
-      q = fmaf(q, t, -0.82215223f);
-      q = fmaf(q, t, 1.48851587f);
-      q = fmaf(q, t, -1.13520398f);
-      q = fmaf(q, t, 0.27886807f);
-      q = fmaf(q, t, -0.18628806f);
-      q = fmaf(q, t, 0.09678418f);
-      q = fmaf(q, t, 0.37409196f);
-      q = fmaf(q, t, 1.00002368f);
-      q = fmaf(q, t, -1.26551223f);
-      float e;  // erfc(|z|) = t * exp(q - z^2)
-      asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(fmaf(-z, z, q) * 1.44269504088896340736f));
-      const float erf_abs = 1.0f - t * e;
-      return 0.5f * x * (x >= 0.0f ? 1.0f + erf_abs : 1.0f - erf_abs);
-    }
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
   } else {
     const float inner = 0.79788456080286535588f * (x + 0.044715f * x * x * x);
     return 0.5f * x * (1.0f + tanhf(inner));
