@@ -123,8 +123,9 @@ def test_op_matches_reference(device, dtype, activation, rows, d):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_every_16_bit_input(device, dtype, activation):
     # every finite gate value of the dtype (silu's approximate exp covers 16-bit inputs only), up = 1, in rows
-    # of 8 (16-byte accesses): within the tolerance of the reference and one-ulp differences rare. Magnitudes of 2**126 and up are left out: there torch's CPU gelu overflows in
-    # x * (1 + erf) where its CUDA kernel (and ours) compute 0.5 * x first.
+    # of 8 (16-byte accesses): within the tolerance of the reference and one-ulp differences rare. Magnitudes
+    # of 2**126 and up are left out: there torch's CPU gelu overflows in x * (1 + erf) where its CUDA kernel
+    # (and ours) compute 0.5 * x first.
     gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     gate = gate[gate.isfinite() & (gate.float().abs() < 2.0**126)]
     gate = gate[: gate.numel() // 8 * 8].view(-1, 8)
