@@ -131,14 +131,15 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 
 }  // namespace inductor_moe
 
-// 256 threads x 8 blocks fill an SM's 2048 threads, which caps registers at 32 a thread. Without the cap
-// gelu (erff) took 42 and ran at 5/8 occupancy: 8192x2048 bf16 37.95 us against Inductor's 35.08 us.
-// sm_100's ptxas spills at that cap (8 bytes in 6 variants with one pack in flight, up to 28 with the earlier
-// two), so there the compiler chooses; not yet measured on such a device.
+// 256 threads x 8 blocks fill an SM's 2048 threads, which caps registers at 32 a thread; unfiltered silu keeps 6
+// blocks (act_and_mul_params.h). Without a cap gelu (erff) took 42 and ran at 5/8 occupancy: 8192x2048 bf16
+// 37.95 us against Inductor's 35.08 us (H100). sm_100's ptxas spills at the 32-register cap (8 bytes in 6
+// variants with one pack in flight, up to 28 with the earlier two), so there the compiler chooses; not yet
+// measured on such a device.
 #if __CUDA_ARCH__ >= 1000
 #define IM_MIN_BLOCKS_PER_SM 1
 #else
-#define IM_MIN_BLOCKS_PER_SM 8
+#define IM_MIN_BLOCKS_PER_SM inductor_moe::act_and_mul_blocks_per_sm(IM_ACT, IM_FILTER)
 #endif
 extern "C" __global__ void __launch_bounds__(256, IM_MIN_BLOCKS_PER_SM)
     inductor_moe_kernel(const inductor_moe::ActAndMulParams p) {

@@ -4,6 +4,28 @@
 
 namespace inductor_moe {
 
+// Blocks of 256 threads an SM that the sm_90 kernel is built to keep resident (its __launch_bounds__), which caps
+// its registers at 65536 / (blocks * 256), rounded down to 8: 8 blocks (a full SM, 32 registers) for every
+// variant but unfiltered silu, which gets 6 (40; it uses 37). H200, bf16, CUDA graph, inputs and outputs rotated
+// over twice the L2, two rounds, 32 -> 40 registers: silu 1024x2048 4.81-4.83 -> 4.53-4.56 us, 1024x768 1.87-1.90
+// -> 1.86-1.87, 8192x768 10.44-10.48 -> 10.20-10.35, 8192x2048 24.90-25.06 -> 24.54-24.70, 8192x14336 166.4 ->
+// 165.2; 1x2048 and 64x14336 unchanged. Not the others: filtered silu 4096x2048 with half the rows dead 8.02-8.06
+// -> 8.34-8.36, gelu 8192x2048 29.1 -> 29.5, gelu_tanh 8192x2048 26.1-26.2 -> 27.3-27.4 (and gelu 64x14336 2.78 ->
+// 3.12: 896 one-pack blocks then took two waves of 6 instead of one of 8).
+constexpr int kActAndMulBlocksPerSm = 8;
+constexpr int kUnfilteredSiluBlocksPerSm = 6;
+
+#if defined(__CUDACC_RTC__)
+#define IM_HOST_DEVICE __host__ __device__  // NVRTC compiles no host-only function
+#else
+#define IM_HOST_DEVICE
+#endif
+
+// The blocks an SM keeps resident for activation `act` (0 silu) with filter code `filter` (0 none).
+IM_HOST_DEVICE constexpr int act_and_mul_blocks_per_sm(int act, int filter) {
+  return act == 0 && filter == 0 ? kUnfilteredSiluBlocksPerSm : kActAndMulBlocksPerSm;
+}
+
 struct ActAndMulParams {
   const void* input;             // [rows, 2d] with row stride in_row_stride (elements), last dim contiguous
   void* out;                     // [rows, d] with row stride out_row_stride
