@@ -62,8 +62,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
       h <= kMaxIndex && tokens <= kMaxIndex && k <= kMaxIndex,
       cat("inductor_moe.moe_combine: hidden size, tokens and k must be below 2**31, got ", h, ", ", tokens, ", ", k));
 
-  c10::DeviceGuard guard(expert_out.device());
-  at::Tensor out = empty_cuda({tokens, h}, expert_out.scalar_type());
+  at::Tensor out = expert_out.new_empty({tokens, h});
   if (tokens == 0 || h == 0) return out;
   if (k == 0) return out.zero_();
 
@@ -81,6 +80,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   const int64_t elements = staged && tokens * packs8 >= sms * 256 ? 8 : 4;
   const int vec = vector_width(expert_out.element_size(), elements, {h, expert_out.stride(0)},
                                {expert_out.data_ptr(), out.data_ptr()});
+  c10::DeviceGuard guard(expert_out.device());
 
   // One thread per output pack, up to 256 a block; at least 64 when the kernel stages (row, weight) pairs
   // 64 at a time in shared memory (filter or src_rows), else 32. Few tokens get smaller blocks, so the work

@@ -1,9 +1,7 @@
 // Small helpers shared by the ops' host code (<family>.cpp).
 #pragma once
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
-#include <c10/core/Allocator.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -42,17 +40,6 @@ inline int vector_width(int64_t element_size, int64_t wanted, std::initializer_l
     if (reinterpret_cast<uintptr_t>(p) % (vec * element_size) != 0) return 1;
   }
   return static_cast<int>(vec);
-}
-
-// A contiguous CUDA tensor from torch's caching allocator, on the current device (the caller holds a
-// c10::DeviceGuard), without a trip through the dispatcher: what at::empty does for CUDA once dispatched.
-// Tensor::new_empty dispatched twice (new_empty, then empty): on the device VM (H200, 2026-12-02, three
-// alternating processes each) an eager act_and_mul call of a [1, 2048] bf16 result took 7.1-8.2 us with it and
-// 6.8-7.6 without (the dispatch-only floor 1.4-2.3), a 0-row call 3.3-3.8 and 2.8-3.4.
-inline at::Tensor empty_cuda(c10::IntArrayRef shape, at::ScalarType dtype) {
-  static c10::Allocator* const allocator = c10::GetAllocator(c10::DeviceType::CUDA);
-  return at::Tensor(at::detail::empty_generic(shape, allocator, c10::DispatchKeySet(c10::DispatchKey::CUDA), dtype,
-                                              c10::MemoryFormat::Contiguous));
 }
 
 }  // namespace inductor_moe
