@@ -35,6 +35,10 @@ SPELLINGS = {
     "split": lambda a, x: (lambda g, u: ACTS[a](g) * u)(*x.split(_half(x), dim=-1)),
     "split list, up first": lambda a, x: (lambda g, u: u * ACTS[a](g))(*x.split([_half(x)] * 2, dim=-1)),
     "module": lambda a, x: MODULES[a](x[..., : _half(x)]) * x[..., _half(x) :],
+    "view [..., 2, d], halves selected": lambda a, x: (lambda y: ACTS[a](y[..., 0, :]) * y[..., 1, :])(
+        x.view(*x.shape[:-1], 2, _half(x))
+    ),
+    "unflatten + unbind": lambda a, x: (lambda g, u: ACTS[a](g) * u)(*x.unflatten(-1, (2, _half(x))).unbind(-2)),
     "fp32 math (the reference)": lambda a, x: reference.act_and_mul_ref(x, a),
 }
 SILU_SPELLINGS = {
@@ -211,6 +215,30 @@ NEAR_MISSES = {
     "d is not half": (lambda x: F.silu(x[..., :8]) * x[..., 8:16], randn(4, 18), 0, "not the first and second half"),
     "halves swapped": (lambda x: F.silu(x[..., 8:]) * x[..., :8], randn(4, 16), 0, "not the first and second half"),
     "transposed input": (lambda x: _y(x.t()), randn(16, 6), 0, "layout"),
+    "view halves swapped": (
+        lambda x: (lambda y: F.silu(y[:, 1]) * y[:, 0])(x.view(4, 2, 8)),
+        randn(4, 16),
+        0,
+        "not the first and second half",
+    ),
+    "view into quarters": (
+        lambda x: (lambda y: F.silu(y[:, 0]) * y[:, 1])(x.view(4, 4, 4)),
+        randn(4, 16),
+        0,
+        "does not split the last dim",
+    ),
+    "view over the rows too": (
+        lambda x: (lambda y: F.silu(y[:, :, 0]) * y[:, :, 1])(x.view(2, 2, 2, 8)),
+        randn(4, 16),
+        0,
+        "does not split the last dim",
+    ),
+    "unbind of the rows of a split view": (
+        lambda x: (lambda g, u: F.silu(g) * u)(*x.view(2, 2, 8).unbind(0)),
+        randn(2, 16),
+        0,
+        "not one of its two halves",
+    ),
     "mask over columns": (
         lambda x: torch.where(torch.arange(8) < 3, 0.0, _y(x)),
         randn(4, 16),
@@ -279,7 +307,8 @@ def test_settings_turn_rewriting_off():
 # Symbolic sizes
 
 
-def test_symbolic_batch_and_d_match_without_recompiles():
+@pytest.mark.parametrize("spelling", ["chunk", "unflatten + unbind"])
+def test_symbolic_batch_and_d_match_without_recompiles(spelling):
     from inductor_moe import backend, config
 
     xs = []
@@ -291,7 +320,7 @@ def test_symbolic_batch_and_d_match_without_recompiles():
 
     with config.override(devices="cpu"), backend.reporting() as report:
         assert_compiles_once(
-            lambda x: SPELLINGS["chunk"]("gelu", x),
+            lambda x: SPELLINGS[spelling]("gelu", x),
             make_args,
             [(3, 8), (17, 8), (64, 24), (1, 40), (0, 8)],
             lambda out, _: torch.equal(out, reference.act_and_mul_ref(xs[0], "gelu")) or pytest.fail("not exact"),

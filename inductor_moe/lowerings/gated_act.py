@@ -4,7 +4,8 @@ the expert masks around it into the op's expert filter.
 Stage 1 (arithmetic): the product of an activation of the gate half and the up half, in every spelling below,
 per dtype. The spellings are traced; the activations are the reference's (``reference.activation_ref``), so a
 pattern is exactly what the reference computes. The halves are matched as any two tensors and proven to be the
-two halves of one input by :func:`_check_halves` (slices, narrow, chunk and split all reach it as slices).
+two halves of one input by :func:`_check_halves` (slices, narrow, chunk and split all reach it as slices; a
+view of the input as [..., 2, d] with its two halves selected or unbound, as halves of that view).
 
 Stage 2 (filter): a per-row mask applied to the op's result (``where``, ``masked_fill``, index assignment) or to
 its input before the activation, with the dead value 0, becomes the op's expert filter (expert_mask.py).
@@ -21,6 +22,8 @@ default Inductor's fused code, which also keeps the product in fp32).
 from __future__ import annotations
 
 import functools
+import operator
+from typing import Any
 
 import torch
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, Match, PatternMatcherPass
@@ -76,27 +79,65 @@ def _replace(activation: str):
     return replacement
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _half(node) -> tuple[torch.fx.Node, Any, Any] | str:
+    """(x, start, length) if ``node`` is ``x[..., start:start + length]`` along x's last dim, else why not.
+
+    Two forms reach the pass: a slice of x (slicing, ``narrow``, ``chunk``, ``split``), and the half ``h`` of a
+    view that splits x's last dim into [2, d] (``x.view(..., 2, d)[..., h, :]``, ``x.unflatten(-1, (2, d))
+    .unbind(-2)``), which is ``x[..., h * d:(h + 1) * d]`` element for element, a reshape's copy included."""
+    if not isinstance(node, torch.fx.Node):
+        return f"{node} is not a slice of the input"
+    if node.target is aten.slice.Tensor:
+        if len(node.args) > 4 and node.args[4] != 1:
+            return f"{node.name} slices with a step"
+        x = node.args[0]
+        if not matching.is_last_dim(node.args[1], matching.val(x).dim()):
+            return f"the halves are slices of dim {node.args[1]}, not of the last dim"
+        return x, matching.val(node.args[2]), matching.val(node).shape[-1]
+    if node.target is aten.select.int:
+        split, dim, index = node.args
+    elif node.target is operator.getitem and getattr(node.args[0], "target", None) is aten.unbind.int:
+        split, index = node.args[0].args[0], node.args[1]
+        dim = node.args[0].args[1] if len(node.args[0].args) > 1 else node.args[0].kwargs.get("dim", 0)
+    else:
+        return f"{node.name} is not a slice of the input"
+    if not (isinstance(split, torch.fx.Node) and split.target in _VIEWS):
+        return f"{node.name} selects from {getattr(split, 'name', split)}, not from a view of the input"
+    x = split.args[0]
+    xv, sv = matching.val(x), matching.val(split)
+    splits_last_dim = (
+        sv.dim() == xv.dim() + 1
+        and matching.known(sv.shape[-2] == 2)
+        and matching.known(2 * sv.shape[-1] == xv.shape[-1])
+        and all(matching.known(a == b) for a, b in zip(sv.shape[:-2], xv.shape[:-1]))
+    )
+    if not splits_last_dim:
+        return f"{split.name} (shape {list(sv.shape)}) does not split the last dim of {x.name} into [2, d]"
+    if not (isinstance(dim, int) and dim in (-2, sv.dim() - 2) and isinstance(index, int) and -2 <= index < 2):
+        return f"{node.name} selects index {index} of dim {dim} of {split.name}, not one of its two halves"
+    d = sv.shape[-1]
+    return x, (index % 2) * d, d
+
+
 def _check_halves(match: Match) -> torch.fx.Node | str:
     """x, if gate and up are x[..., :d] and x[..., d:2d] of one x whose last dim is 2d, in a layout the op
     reads; else why not."""
-    gate, up = match.kwargs["gate"], match.kwargs["up"]
-    for node in (gate, up):
-        if not isinstance(node, torch.fx.Node) or node.target is not aten.slice.Tensor:
-            return f"{getattr(node, 'name', node)} is not a slice of the input"
-        if len(node.args) > 4 and node.args[4] != 1:
-            return f"{node.name} slices with a step"
-    x = gate.args[0]
-    if up.args[0] is not x:
-        return f"gate and up slice different tensors ({x.name}, {up.args[0].name})"
-    xv, gv, uv = matching.val(x), matching.val(gate), matching.val(up)
-    if not (matching.is_last_dim(gate.args[1], xv.dim()) and matching.is_last_dim(up.args[1], xv.dim())):
-        return f"the halves are slices of dim {gate.args[1]}/{up.args[1]}, not of the last dim"
-    d = gv.shape[-1]
+    halves = [_half(match.kwargs[name]) for name in ("gate", "up")]
+    for half in halves:
+        if isinstance(half, str):
+            return half
+    (x, gate_start, d), (up_x, up_start, up_length) = halves
+    if up_x is not x:
+        return f"gate and up are halves of different tensors ({x.name}, {up_x.name})"
+    xv = matching.val(x)
     if not (
-        matching.val(gate.args[2]) == 0
+        gate_start == 0
         and matching.known(2 * d == xv.shape[-1])
-        and matching.known(matching.val(up.args[2]) == d)
-        and matching.known(uv.shape[-1] == d)
+        and matching.known(up_start == d)
+        and matching.known(up_length == d)
     ):
         return f"gate and up are not the first and second half of the last dim ({xv.shape[-1]})"
     if not ops.rows_layout_ok(xv, holds=matching.known):
