@@ -7,7 +7,11 @@ Each step rewrites a spelling into an equal one, so a pattern traced from one sp
 - consecutive ``permute`` nodes fold into one, and a ``permute`` by the identity disappears (einsum leaves
   both);
 - a two-way ``split`` / ``split_with_sizes`` (``chunk(2)``, ``split(d)``, ``split([d, d])``) followed by
-  ``getitem`` becomes two ``slice`` nodes, the spelling of ``x[..., :d]`` / ``x[..., d:]`` and ``narrow``.
+  ``getitem`` becomes two ``slice`` nodes, the spelling of ``x[..., :d]`` / ``x[..., d:]`` and ``narrow``;
+- a ``reshape`` that only appends a dim of size 1 becomes ``unsqueeze`` (``w.view(T, K, 1)`` is
+  ``w[..., None]``), and an ``expand`` to its input's own shape disappears (``matmul`` leaves one on each
+  operand of its ``bmm``), and so does a ``reshape`` of ``unsqueeze(v, i)`` back to v's shape. All three are
+  decided on the nodes' shapes, symbolic ones only where they are known equal.
 
 Nothing here changes what the graph computes.
 """
@@ -29,11 +33,51 @@ def canonicalize(graph: torch.fx.Graph) -> None:
             continue
         if node.target is aten.view.default:
             node.target = aten.reshape.default
+        if node.target is aten.reshape.default:
+            _simplify_reshape(graph, node)
+        elif node.target is aten.expand.default:
+            _drop_identity_expand(graph, node)
         elif node.target is aten.permute.default:
             _simplify_permute(graph, node)
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             _split_to_slices(graph, node)
     graph.eliminate_dead_code()  # a folded permute may leave its input with a dead second user
+
+
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same_sizes(a: tuple, b: tuple) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
+
+
+def _simplify_reshape(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    inner = node.args[0]
+    if isinstance(inner, torch.fx.Node) and inner.target is aten.unsqueeze.default:
+        base, out = _shape(inner.args[0]), _shape(node)
+        if base is not None and out is not None and _same_sizes(base, out):
+            # reshape(unsqueeze(v, i), v.shape) is v (repeat_interleave(1) leaves one once its expand is gone)
+            node.replace_all_uses_with(inner.args[0])
+            graph.erase_node(node)
+            return
+    source, out = _shape(inner), _shape(node)
+    if source is None or out is None or len(out) != len(source) + 1:
+        return
+    # A trailing 1 only: a 1 inserted before the last dim stays a reshape, which is how the combine's patterns
+    # see expert_out viewed as [tokens, k, hidden], k = 1 included.
+    if _same_sizes(out[-1:], (1,)) and _same_sizes(out[:-1], source):
+        node.target, node.args, node.kwargs = aten.unsqueeze.default, (node.args[0], len(source)), {}
+
+
+def _drop_identity_expand(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    source, out = _shape(node.args[0]), _shape(node)
+    if source is not None and out is not None and _same_sizes(source, out):
+        node.replace_all_uses_with(node.args[0])
+        graph.erase_node(node)
 
 
 def _simplify_permute(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

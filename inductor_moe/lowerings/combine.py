@@ -3,9 +3,10 @@
 
 Spellings, traced per dtype: ``(expert_out.view(T, K, H) * w[..., None]).sum(1)`` (either order, with or
 without a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes it), ``torch.bmm(w[:, None],
-expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum("tkh,tk->th", expert_out.view(T, K, H), w)``. The
-check proves from the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights
-broadcast over hidden, and that the sum runs over k. With the products of dead pairs replaced by 0 before the
+expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum("tkh,tk->th", expert_out.view(T, K, H), w)``
+(canonicalize.py brings ``w.view(T, K, 1)`` and ``w[:, None] @ view`` to these forms). The check proves from
+the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights broadcast over hidden,
+and that the sum runs over k. With the products of dead pairs replaced by 0 before the
 sum (``where(dead[..., None], 0, view * w[..., None]).sum(1)``, or the live mask the other way round), the mask
 becomes the op's expert filter (expert_mask.py).
 
