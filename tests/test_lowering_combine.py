@@ -27,6 +27,7 @@ SPELLINGS = {
     "bmm": lambda eo, w: torch.bmm(w.unsqueeze(1), rows(eo, w)).squeeze(1),
     "matmul": lambda eo, w: (w.unsqueeze(1) @ rows(eo, w)).squeeze(1),
     "einsum": lambda eo, w: torch.einsum("tkh,tk->th", rows(eo, w), w),
+    "einsum, weights first": lambda eo, w: torch.einsum("tk,tkh->th", w, rows(eo, w)),
 }
 
 DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32)]

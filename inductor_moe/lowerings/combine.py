@@ -3,7 +3,7 @@
 
 Spellings, traced per dtype: ``(expert_out.view(T, K, H) * w[..., None]).sum(1)`` (either order, with or
 without a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes it), ``torch.bmm(w[:, None],
-expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum("tkh,tk->th", expert_out.view(T, K, H), w)``
+expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum`` of ``"tkh,tk->th"`` or ``"tk,tkh->th"``
 (canonicalize.py brings ``w.view(T, K, 1)`` and ``w[:, None] @ view`` to these forms). The check proves from
 the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights broadcast over hidden,
 and that the sum runs over k. With the products of dead pairs replaced by 0 before the
@@ -69,6 +69,9 @@ SPELLINGS = {
     ).squeeze(1),
     "einsum('tkh,tk->th')": lambda expert_out, topk_weights: torch.einsum(
         "tkh,tk->th", _rows(expert_out, topk_weights), topk_weights
+    ),
+    "einsum('tk,tkh->th')": lambda expert_out, topk_weights: torch.einsum(
+        "tk,tkh->th", topk_weights, _rows(expert_out, topk_weights)
     ),
 }
 
@@ -146,6 +149,15 @@ def _check(match: Match) -> bool | str:
             want = [tokens, 1, k] if bmm else [tokens, k, 1]
             if not (v.dim() == 3 and all(known(a == b) for a, b in zip(v.shape, want))):
                 return f"the weights are broadcast as {list(v.shape)}, not {want}"
+        elif (
+            node.target is aten.reshape.default
+            and getattr(node.args[0], "target", None) is aten.unsqueeze.default
+            and node.args[0].args[0] is w_node
+        ):
+            # einsum("tk,tkh->th") moves the weights' 1 to the middle for its bmm: [tokens, k, 1] -> [tokens, 1, k]
+            want = [tokens, 1, k]
+            if not (v.dim() == 3 and all(known(a == b) for a, b in zip(v.shape, want))):
+                return f"the weights are reshaped to {list(v.shape)}, not {want}"
         elif node.target is aten.sum.dim_IntList:
             keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
             if list(node.args[1]) not in ([1], [-2]) or keepdim:
