@@ -1,6 +1,7 @@
-"""Lowering of the top-k packing: the reference expression, per ids and weights dtype and either way round the
-``|``, is rewritten and stays bit-exact (negative weights, +-0, subnormals, inf, NaN); without ``& 0xFFFF`` it
-is a recorded near miss and computes what it computed."""
+"""Lowering of the top-k packing: the reference expression, per ids and weights dtype, either way round the
+``|``, as a ``+``, through a uint16 view or with the named bitwise ops, is rewritten and stays bit-exact
+(negative weights, +-0, subnormals, inf, NaN); without ``& 0xFFFF`` it is a recorded near miss and computes
+what it computed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ def pack_weights_first(ids, w):
     return (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF) | (ids.to(torch.int32) << 16)
 
 
+def pack_added(ids, w):
+    return (ids.to(torch.int32) << 16) + (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
+
+
+def pack_unsigned(ids, w):
+    return (ids.to(torch.int32) << 16) | w.to(torch.bfloat16).view(torch.uint16).to(torch.int32)
+
+
+def pack_named_ops(ids, w):
+    bits = torch.bitwise_and(w.to(torch.bfloat16).view(torch.int16).to(torch.int32), 0xFFFF)
+    return torch.bitwise_or(torch.bitwise_left_shift(ids.to(torch.int32), 16), bits)
+
+
 def pack_unmasked(ids, w):
     return (ids.to(torch.int32) << 16) | w.to(torch.bfloat16).view(torch.int16).to(torch.int32)
 
@@ -29,7 +43,9 @@ def edge_weights(dtype, n):
 
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("spelling", [reference.pack_topk_ids_weights_ref, pack_weights_first])
+@pytest.mark.parametrize(
+    "spelling", [reference.pack_topk_ids_weights_ref, pack_weights_first, pack_added, pack_unsigned, pack_named_ops]
+)
 def test_rewritten_bit_exact(spelling, ids_dtype, w_dtype):
     ids = torch.randint(-1, 300, (5, 8), dtype=ids_dtype)
     w = edge_weights(w_dtype, 40).view(5, 8)

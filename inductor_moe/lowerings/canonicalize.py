@@ -2,6 +2,7 @@
 
 Each step rewrites a spelling into an equal one, so a pattern traced from one spelling also matches the others:
 
+- ``x << n`` becomes ``torch.bitwise_left_shift(x, n)``;
 - ``view`` becomes ``reshape`` (Inductor's post-grad passes already did that to the graph; patterns are traced
   with views);
 - consecutive ``permute`` nodes fold into one, and a ``permute`` by the identity disappears (einsum leaves
@@ -26,11 +27,19 @@ aten = torch.ops.aten
 
 _OPEN_END = 2**63 - 1  # what an open slice end (x[..., d:]) is in a traced graph
 
+# Python operators that trace to an overload of their own, and the named op they are
+_OPERATOR_ALIASES = {
+    aten.__lshift__.Scalar: aten.bitwise_left_shift.Tensor_Scalar,
+    aten.__lshift__.Tensor: aten.bitwise_left_shift.Tensor,
+}
+
 
 def canonicalize(graph: torch.fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
+        if node.target in _OPERATOR_ALIASES:
+            node.target = _OPERATOR_ALIASES[node.target]
         if node.target is aten.view.default:
             node.target = aten.reshape.default
         if node.target is aten.reshape.default:

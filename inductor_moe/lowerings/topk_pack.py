@@ -2,7 +2,9 @@
 0xFFFF)`` into ``inductor_moe::pack_topk_ids_weights``.
 
 The pattern is the reference itself (``reference.pack_topk_ids_weights_ref``), traced per ids dtype (int32,
-int64) and weights dtype (fp32, fp16, bf16), with the ``|`` either way round; the op is bit-exact with it.
+int64) and weights dtype (fp32, fp16, bf16), with the ``|`` either way round, as a ``+`` (which never carries
+there), or with the bits read through a ``uint16`` view (no mask needed); the op is bit-exact with each.
+``torch.bitwise_left_shift`` and ``<<`` are one spelling (canonicalize.py).
 Without the ``& 0xFFFF`` a negative weight's sign extension overwrites the id bits: that spelling computes
 something else, so it is only recorded as a near miss, never rewritten.
 """
@@ -27,6 +29,16 @@ def _weights_first(topk_ids, topk_weights):
     return (_weight_bits(topk_weights) & 0xFFFF) | (topk_ids.to(torch.int32) << 16)
 
 
+def _added(topk_ids, topk_weights):
+    # the id's low 16 bits are 0 and the masked bits below 2**16: the sum never carries, so it is the |
+    return (topk_ids.to(torch.int32) << 16) + (_weight_bits(topk_weights) & 0xFFFF)
+
+
+def _unsigned_bits(topk_ids, topk_weights):
+    # a uint16 view widens without sign extension: the & 0xFFFF of the int16 spelling
+    return (topk_ids.to(torch.int32) << 16) | topk_weights.to(torch.bfloat16).view(torch.uint16).to(torch.int32)
+
+
 def _no_mask(topk_ids, topk_weights):
     return (topk_ids.to(torch.int32) << 16) | _weight_bits(topk_weights)
 
@@ -38,6 +50,8 @@ def register(arithmetic: PatternMatcherPass) -> None:
             for spelling, fn, check, replacement in (
                 ("(ids << 16) | (bits(w) & 0xFFFF)", reference.pack_topk_ids_weights_ref, _check, _replace),
                 ("(bits(w) & 0xFFFF) | (ids << 16)", _weights_first, _check, _replace),
+                ("(ids << 16) + (bits(w) & 0xFFFF)", _added, _check, _replace),
+                ("(ids << 16) | uint16_bits(w)", _unsigned_bits, _check, _replace),
                 ("(ids << 16) | bits(w)", _no_mask, _near_miss, None),
             ):
                 matching.register(arithmetic, FAMILY, spelling, matching.trace(fn, example), check, replacement)
