@@ -123,6 +123,14 @@ MASKS = {
     ),
     "where(ids != -1, y, 0)": (lambda x, ids: torch.where((ids != -1)[:, None], _y(x), 0), lambda ids: ids == -1),
     "y[ids < 0] = 0": (_index_put, lambda ids: ids < 0),
+    "where(ids == -1, zeros_like(y), y)": (
+        lambda x, ids: (lambda y: torch.where((ids == -1)[:, None], torch.zeros_like(y), y))(_y(x)),
+        lambda ids: ids == -1,
+    ),
+    "where(live expand_as y, y, 0)": (
+        lambda x, ids: (lambda y: torch.where((ids >= 0)[:, None].expand_as(y), y, 0.0))(_y(x)),
+        lambda ids: ids < 0,
+    ),
     "input: where(ids == -1, 0, x)": (
         lambda x, ids: _y(torch.where((ids == -1)[:, None], 0, x)),
         lambda ids: ids == -1,
@@ -250,6 +258,12 @@ NEAR_MISSES = {
         randn(4, 16),
         1,
         "0/1 mask",
+    ),
+    "dead rows get fp32 zeros": (
+        lambda x: torch.where((torch.arange(4) % 2 == 0)[:, None], torch.zeros(4, 8), _y(x)),
+        randn(4, 16, dtype=torch.bfloat16),
+        1,
+        "not 0",
     ),
     "dead rows get -0.0": (
         lambda x: torch.where((torch.arange(4) % 2 == 0)[:, None], -0.0, _y(x)),

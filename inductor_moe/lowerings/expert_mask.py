@@ -36,8 +36,17 @@ class ExpertFilter:
 def expert_filter(mask: torch.fx.Node, rows_shape: list, live_when_true: bool) -> ExpertFilter | str:
     """The filter that keeps the rows where ``mask`` is ``live_when_true``, or why there is none. ``mask`` has
     one value per row of ``rows_shape`` (the leading dims of the gated activation), with an optional trailing
-    dim of 1."""
+    dim of 1, which may be expanded over the row (``mask[:, None].expand_as(y)``)."""
     mask_val = val(mask)
+    if isinstance(mask, torch.fx.Node) and mask.target is aten.expand.default:
+        source = val(mask.args[0])
+        if (
+            isinstance(source, torch.Tensor)
+            and source.dim() == len(rows_shape) + 1 == mask_val.dim()
+            and known(source.shape[-1] == 1)
+            and all(known(a == b) for a, b in zip(source.shape[:-1], rows_shape))
+        ):
+            mask, mask_val = mask.args[0], source
     if not isinstance(mask_val, torch.Tensor) or mask_val.dtype != torch.bool:
         return "the mask is not a bool tensor"
     shape = list(mask_val.shape)

@@ -197,7 +197,7 @@ def _filter_of(match: Match, live_when_true: bool, on_input: bool) -> expert_mas
     op = _op_node(match)
     out = matching.val(op)
     zero = match.kwargs["zero"]
-    zero_val = matching.scalar_constant(zero)
+    zero_val = matching.fill_value(zero, out if not on_input else matching.val(match.kwargs["x"]))
     # the dead rows of the rewrite are +0.0: the mask must write exactly that (any zero on the input: act(+-0)
     # * (+-0) is +0 for all three activations)
     if zero_val is None or zero_val != 0 or (not on_input and not matching.is_plus_zero(zero_val)):

@@ -141,6 +141,21 @@ def scalar_constant(node):
     return None
 
 
+def fill_value(node, like) -> Any:
+    """The value ``node`` fills a result like ``like`` (a FakeTensor) with: a scalar constant, or a ``full``
+    (``zeros_like``, ``new_zeros``, ...) of like's dtype whose shape broadcasts to like's, so that putting it in
+    a ``where`` changes neither the result's dtype nor its shape; else None."""
+    value = scalar_constant(node)
+    if value is not None or not (isinstance(node, torch.fx.Node) and node.target is aten.full.default):
+        return value
+    fill, v = node.args[1], val(node)
+    if not (isinstance(fill, (int, float)) and isinstance(v, torch.Tensor) and v.dtype == like.dtype):
+        return None
+    if v.dim() > like.dim() or not all(known(a == 1) or known(a == b) for a, b in zip(v.shape[::-1], like.shape[::-1])):
+        return None
+    return fill
+
+
 def is_plus_zero(value) -> bool:
     """True for an exact +0 (0, 0.0), not for -0.0."""
     import math
