@@ -131,6 +131,13 @@ FILTERED = {
         lambda ids: (ids < 2) | (ids >= 6),
         torch.float32,
     ),
+    "where(ids == -1, zeros_like(terms), terms).sum(1)": (
+        lambda eo, w, ids: (lambda t: torch.where((ids == -1)[..., None], torch.zeros_like(t), t))(
+            rows(eo, w) * w[..., None]
+        ).sum(1),
+        lambda ids: ids == -1,
+        torch.bfloat16,
+    ),
 }
 
 
@@ -157,14 +164,14 @@ def test_masked_terms_become_the_filter(case, ids_dtype):
 # Rows gathered back to token order (grouped-GEMM MoE blocks)
 
 
-def grouped_tail(y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order)):
+def grouped_tail(y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order), zero=lambda y: 0):
     """The tail of examples/moe_blocks.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
     experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k."""
     local = ids - lo
     sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
     order = torch.argsort(sentinel, stable=True)
     remote = sentinel[order] == num_local
-    back = torch.where(remote[:, None], 0, y)[inverse(order)]
+    back = torch.where(remote[:, None], zero(y), y)[inverse(order)]
     return (back.view(*w.shape, -1) * w[..., None]).sum(1).to(y.dtype)
 
 
@@ -179,11 +186,12 @@ def grouped_case(tokens=6, k=4, hidden=24, lo=3, num_local=4):
     return y, w, ids, remote.view(tokens, k)
 
 
-def test_gathered_masked_rows_become_src_rows_and_filter():
+@pytest.mark.parametrize("zero", [lambda y: 0, torch.zeros_like], ids=["0", "zeros_like"])
+def test_gathered_masked_rows_become_src_rows_and_filter(zero):
     torch.manual_seed(0)
     y, w, ids, remote = grouped_case()
     assert remote.any() and (~remote).any()
-    out, report = compile_rewrite(grouped_tail, y, w, ids, 3, 4)
+    out, report = compile_rewrite(lambda *a: grouped_tail(*a, zero=zero), y, w, ids, 3, 4)
     assert families(report) == ["combine"], report
     graph = report.graphs[-1]
     # y read through the inverse permutation, the sentinel ids as the pairs' filter (live iff id != 4: the

@@ -244,13 +244,14 @@ def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
     if rows.target is not aten.where.self or len(rows.users) != 1:
         return None
     cond, a, b = rows.args
-    if matching.is_plus_zero(matching.scalar_constant(a)):
+    rv = matching.val(rows)
+    if matching.is_plus_zero(matching.fill_value(a, rv)):
         y, live_when_true = b, False
-    elif matching.is_plus_zero(matching.scalar_constant(b)):
+    elif matching.is_plus_zero(matching.fill_value(b, rv)):
         y, live_when_true = a, True
     else:
         return None
-    yv, rv = matching.val(y), matching.val(rows)
+    yv = matching.val(y)
     if not (isinstance(yv, torch.Tensor) and yv.dtype == rv.dtype and list(yv.shape) == list(rv.shape)):
         return None
     f = expert_mask.expert_filter(cond, [rv.shape[0]], live_when_true)
@@ -289,7 +290,8 @@ def _check_filtered(live_when_true: bool):
         proof = _check(match)
         if isinstance(proof, str):
             return proof
-        if not matching.is_plus_zero(matching.scalar_constant(match.kwargs["zero"])):
+        masked = next(n for n in match.nodes if n.target is aten.where.self)
+        if not matching.is_plus_zero(matching.fill_value(match.kwargs["zero"], matching.val(masked))):
             return "dead pairs get a value other than +0"
         weights, renormalize = _weights(match.kwargs["topk_weights"])
         f = expert_mask.expert_filter(match.kwargs["cond"], list(matching.val(weights).shape), live_when_true)
