@@ -6,7 +6,7 @@ without a final ``.to(expert_out.dtype)``, or in fp32 as the reference computes 
 expert_out.view(T, K, H)).squeeze(1)`` and ``torch.einsum`` of ``"tkh,tk->th"`` or ``"tk,tkh->th"``
 (canonicalize.py brings ``w.view(T, K, 1)`` and ``w[:, None] @ view`` to these forms). The check proves from
 the shapes that the view is [tokens, k, hidden] of token-major rows, that the weights broadcast over hidden,
-and that the sum runs over k. With the products of dead pairs replaced by 0 before the
+and that the sum runs over k. With the products of dead pairs replaced by 0 (or a ``zeros_like``) before the
 sum (``where(dead[..., None], 0, view * w[..., None]).sum(1)``, or the live mask the other way round), the mask
 becomes the op's expert filter (expert_mask.py).
 
@@ -139,6 +139,10 @@ def _check(match: Match) -> bool | str:
     if eo.dim() != 2 or w.dim() != 2:
         return f"expert_out {list(eo.shape)} and weights {list(w.shape)} are not 2-D [rows, hidden] and [tokens, k]"
     tokens, k, hidden = w.shape[0], w.shape[1], eo.shape[1]
+
+    def has_shape(v, want) -> bool:
+        return v.dim() == len(want) and all(known(a == b) for a, b in zip(v.shape, want))
+
     for node in match.nodes:
         v = matching.val(node)
         if node.target is aten.reshape.default and node.args[0] is eo_node:
@@ -147,7 +151,7 @@ def _check(match: Match) -> bool | str:
         elif node.target is aten.unsqueeze.default and node.args[0] is w_node:
             bmm = any(u.target is aten.bmm.default and u.args[0] is node for u in node.users)
             want = [tokens, 1, k] if bmm else [tokens, k, 1]
-            if not (v.dim() == 3 and all(known(a == b) for a, b in zip(v.shape, want))):
+            if not has_shape(v, want):
                 return f"the weights are broadcast as {list(v.shape)}, not {want}"
         elif (
             node.target is aten.reshape.default
@@ -155,9 +159,8 @@ def _check(match: Match) -> bool | str:
             and node.args[0].args[0] is w_node
         ):
             # einsum("tk,tkh->th") moves the weights' 1 to the middle for its bmm: [tokens, k, 1] -> [tokens, 1, k]
-            want = [tokens, 1, k]
-            if not (v.dim() == 3 and all(known(a == b) for a, b in zip(v.shape, want))):
-                return f"the weights are reshaped to {list(v.shape)}, not {want}"
+            if not has_shape(v, [tokens, 1, k]):
+                return f"the weights are reshaped to {list(v.shape)}, not {[tokens, 1, k]}"
         elif node.target is aten.sum.dim_IntList:
             keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
             if list(node.args[1]) not in ([1], [-2]) or keepdim:
