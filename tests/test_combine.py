@@ -87,7 +87,10 @@ def test_reference_token_with_no_live_pair_is_zero():
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ids_dtype", [None, torch.int32, torch.int64])
 @pytest.mark.parametrize("rows_dtype", [None, torch.int32, torch.int64])
-@pytest.mark.parametrize("tokens,k,h", [(0, 8, 64), (1, 8, 7168), (7, 1, 13), (37, 9, 264), (5, 70, 40), (300, 8, 512)])
+# k: the kernel's groups of 8, 4, 2 and 1 pairs (15 = all four), and past one 64-pair stage (70 = 64 + 4 + 2)
+@pytest.mark.parametrize(
+    "tokens,k,h", [(0, 8, 64), (1, 8, 7168), (7, 1, 13), (37, 9, 264), (3, 15, 24), (5, 70, 40), (300, 8, 512)]
+)
 def test_op_matches_reference(device, dtype, w_dtype, ids_dtype, rows_dtype, tokens, k, h):
     eo, w, ids, rows = make_case(tokens, k, h, dtype, w_dtype, ids_dtype, rows_dtype, device)
     poison_allocator((tokens, h), dtype, device)

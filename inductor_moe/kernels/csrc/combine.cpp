@@ -62,7 +62,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
       h <= kMaxIndex && tokens <= kMaxIndex && k <= kMaxIndex,
       cat("inductor_moe.moe_combine: hidden size, tokens and k must be below 2**31, got ", h, ", ", tokens, ", ", k));
 
-  at::Tensor out = expert_out.new_empty({tokens, h});
+  at::Tensor out = empty_cuda_like(expert_out, {tokens, h});
   if (tokens == 0 || h == 0) return out;
   if (k == 0) return out.zero_();
 

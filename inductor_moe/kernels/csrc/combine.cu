@@ -5,7 +5,7 @@
 //
 // Grid: x = tokens, y = column chunks; each thread owns one VEC-wide pack of a token's output row and keeps
 // its VEC partial sums in registers across all k. A token's k (row, weight) pairs are staged in shared
-// memory, 64 at a time, so the inner loop issues only the expert_out loads, eight at a time.
+// memory, 64 at a time, so the inner loop issues only the expert_out loads, up to eight at a time.
 #include "combine_params.h"
 #include "common.cuh"
 
@@ -50,51 +50,90 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
   }
 }
 
-// acc += sum over pairs s in [0, n) of w(s) * expert_out[row(s)][pack], eight pairs at a time, where w(s) is
-// weight_of(s), divided by divisor_of() with RENORM (renormalized above). The eight row loads (and weight loads,
-// when those come from global memory) are all issued before any arithmetic, the divisor and the divisions
-// included: a division between two row loads (the IEEE sequence branches to its slow path) waited for its
-// weight before the next row load left, one memory latency a pair. H200, token-major, renormalised, bf16 in a
-// CUDA graph: T=1, K=2, H=4096 1.78 -> 1.49 us (1.20 without renormalising); K=8, H=2048 3.08 -> 1.95; T=16,
-// K=2 2.33 -> 2.11. row(s) < 0 marks a dead pair, whose row is not read; with ZERO_DEAD (zero_dead_rows) it
-// adds w(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns it into -0) unless the weight is
-// NaN or infinite.
-template <int DTYPE, int WDTYPE, int VEC, int RENORM, int ZERO_DEAD, typename RowFn, typename WeightFn,
-          typename DivisorFn>
-__device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
-                                           DivisorFn divisor_of, float (&acc)[VEC]) {
+// acc += sum over the pairs s in [s0, s0 + G) (FULL) or [s0, min(s0 + G, n)) of w(s) * expert_out[row(s)][pack],
+// where w(s) is weight_of(s), divided by `divisor` with RENORM (renormalized above; the first group, s0 = 0,
+// sets it from divisor_of()). The G rows are read first (in the staged path, from shared memory: read next to
+// each row load, each pair's read and load sat in a branch of their own, and every row load waited for its
+// read; H200, K=8, H=7168 bf16 with half the pairs dead: T=8192 184 us, 179 with the reads first). Then the G
+// row loads (and weight loads, when those come from global memory) are all issued before any arithmetic, the
+// divisor and the divisions included: a division between two row loads (the IEEE sequence branches to its slow
+// path) waited for its weight before the next row load left, one memory latency a pair. H200, token-major,
+// renormalised, bf16 in a CUDA graph: T=1, K=2, H=4096 1.78 -> 1.49 us (1.20 without renormalising); K=8,
+// H=2048 3.08 -> 1.95; T=16, K=2 2.33 -> 2.11. row(s) < 0 marks a dead pair, whose row is not read; with
+// ZERO_DEAD (zero_dead_rows) it adds w(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns
+// it into -0) unless the weight is NaN or infinite.
+template <int G, bool FULL, int DTYPE, int WDTYPE, int VEC, int RENORM, int ZERO_DEAD, typename RowFn,
+          typename WeightFn, typename DivisorFn>
+__device__ __forceinline__ void accumulate_group(const CombineParams& p, int pack, int s0, int n, RowFn row_of,
+                                                 WeightFn weight_of, DivisorFn divisor_of, float& divisor,
+                                                 float (&acc)[VEC]) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
   constexpr bool weigh_dead = ZERO_DEAD != 0;
+  long long row[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) row[u] = FULL || s0 + u < n ? row_of(s0 + u) : -1;
+  P x[G];
+  float w[G];
+  bool read[G];
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    read[u] = row[u] >= 0;
+    if (read[u]) {
+      x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row[u] * p.expert_row_stride)[pack];
+    }
+    // live or dead, so that no branch separates two row loads (a dead pair's weight is unused without ZERO_DEAD)
+    w[u] = FULL || s0 + u < n ? weight_of(s0 + u) : 0.0f;
+  }
+  if (RENORM && s0 == 0) divisor = divisor_of();
+#pragma unroll
+  for (int u = 0; u < G; ++u) {
+    if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
+      const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += wu * to_float<DTYPE>(x[u].v[i]);
+    } else if (weigh_dead && (FULL || s0 + u < n)) {
+      const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += wu * 0.0f;
+    }
+  }
+}
+
+// accumulate_group over the pairs [0, n) in order. EXACT: groups of eight, then at most one each of four, two
+// and one, every group unrolled with no slot predicated off. One group of eight with the slots past n
+// predicated off issued all eight slots' address arithmetic and loads for K=2 as well: ~740 instructions a warp
+// in the staged T=1 launch (Nsight Compute, H200, Mixtral-like decode block, 7/8 of the experts remote), whose
+// busiest SM then ran 2468 cycles against 1656 for Inductor's fused gather of the same data. Not EXACT: groups
+// of eight, the last one partial, a single body, for the staged 16-byte packs: there the four bodies made ptxas
+// spill 128-176 bytes in 97 of those variants under the 64-register cap (with one body, 4-64 bytes in 32).
+template <bool EXACT, int DTYPE, int WDTYPE, int VEC, int RENORM, int ZERO_DEAD, typename RowFn, typename WeightFn,
+          typename DivisorFn>
+__device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int n, RowFn row_of, WeightFn weight_of,
+                                           DivisorFn divisor_of, float (&acc)[VEC]) {
   float divisor = 1.0f;
-  for (int s0 = 0; s0 < n; s0 += 8) {
-    P x[8];
-    float w[8];
-    bool read[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const long long row = s0 + u < n ? row_of(s0 + u) : -1;
-      read[u] = row >= 0;
-      if (read[u]) {
-        x[u] = reinterpret_cast<const P*>(static_cast<const T*>(p.expert_out) + row * p.expert_row_stride)[pack];
-        w[u] = weight_of(s0 + u);
-      } else if (weigh_dead && s0 + u < n) {
-        w[u] = weight_of(s0 + u);
-      }
+  if constexpr (EXACT) {
+    int s0 = 0;
+    for (; s0 + 8 <= n; s0 += 8)
+      accumulate_group<8, true, DTYPE, WDTYPE, VEC, RENORM, ZERO_DEAD>(p, pack, s0, n, row_of, weight_of,
+                                                                       divisor_of, divisor, acc);
+    if (s0 + 4 <= n) {
+      accumulate_group<4, true, DTYPE, WDTYPE, VEC, RENORM, ZERO_DEAD>(p, pack, s0, n, row_of, weight_of,
+                                                                       divisor_of, divisor, acc);
+      s0 += 4;
     }
-    if (RENORM && s0 == 0) divisor = divisor_of();
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      if (read[u]) {  // not a weight test: a live pair of weight 0 still turns a NaN row into NaN
-        const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += wu * to_float<DTYPE>(x[u].v[i]);
-      } else if (weigh_dead && s0 + u < n) {
-        const float wu = renormalized<WDTYPE, RENORM>(w[u], divisor);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[i] += wu * 0.0f;
-      }
+    if (s0 + 2 <= n) {
+      accumulate_group<2, true, DTYPE, WDTYPE, VEC, RENORM, ZERO_DEAD>(p, pack, s0, n, row_of, weight_of,
+                                                                       divisor_of, divisor, acc);
+      s0 += 2;
     }
+    if (s0 < n)
+      accumulate_group<1, true, DTYPE, WDTYPE, VEC, RENORM, ZERO_DEAD>(p, pack, s0, n, row_of, weight_of,
+                                                                       divisor_of, divisor, acc);
+  } else {
+    for (int s0 = 0; s0 < n; s0 += 8)
+      accumulate_group<8, false, DTYPE, WDTYPE, VEC, RENORM, ZERO_DEAD>(p, pack, s0, n, row_of, weight_of,
+                                                                        divisor_of, divisor, acc);
   }
 }
 
@@ -121,11 +160,11 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         // 16-byte packs (fp32 output) hold the eight rows in twice the registers: divided after their loads,
         // the weights spilled them (36 bytes), so there the sum and the divisions come first
         const float divisor = weight_sum<WDTYPE>(p, t);
-        accumulate<DTYPE, WDTYPE, VEC, 0, 0>(
+        accumulate<true, DTYPE, WDTYPE, VEC, 0, 0>(
             p, pack, p.k, [&](int j) { return t * p.k + j; },
             [&](int j) { return renormalized<WDTYPE, RENORM>(raw_weight(j), divisor); }, [] { return 1.0f; }, acc);
       } else {
-        accumulate<DTYPE, WDTYPE, VEC, RENORM, 0>(
+        accumulate<true, DTYPE, WDTYPE, VEC, RENORM, 0>(
             p, pack, p.k, [&](int j) { return t * p.k + j; }, raw_weight, [&] { return weight_sum<WDTYPE>(p, t); },
             acc);
       }
@@ -163,25 +202,10 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
       }
       __syncthreads();
       if (owns_pack) {
-        // Eight pairs at a time, read from shared memory into registers before accumulate sees them: read
-        // there, each pair's row and weight sat in a branch of its own, and every row load waited for its
-        // shared-memory read before the next pair's left (one branch a pair in the SASS). H200, bf16 in a
-        // CUDA graph: K=8, H=7168, half the pairs dead, T=64 2.72 -> 2.67 us, T=1024 24.5 -> 23.6, T=8192
-        // 183.7 -> 179.4; as a grouped block calls it (gathered, sentinel ids, 7/8 remote) Mixtral-like T=1
-        // 1.58 -> 1.49, Qwen3-like T=1 1.76 -> 1.67, all experts T=16 2.12 -> 1.96. (The same three passes
-        // inside accumulate cost the token-major path 13-20%: ptxas then issued the eight weight loads first.)
-        for (int s0 = 0; s0 < n; s0 += 8) {
-          long long row[8];
-          float weight[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) {
-            row[u] = s0 + u < n ? stage_row[s0 + u] : -1;
-            weight[u] = s0 + u < n ? stage_weight[s0 + u] : 0.0f;
-          }
-          accumulate<DTYPE, WDTYPE, VEC, 0, ZERO_DEAD>(
-              p, pack, min(8, n - s0), [&](int u) { return row[u]; }, [&](int u) { return weight[u]; },
-              [] { return 1.0f; }, acc);
-        }
+        // exact groups but for 16-byte packs (see accumulate); the weights are divided already
+        accumulate<sizeof(P) <= 8, DTYPE, WDTYPE, VEC, 0, ZERO_DEAD>(
+            p, pack, n, [&](int s) { return stage_row[s]; }, [&](int s) { return stage_weight[s]; },
+            [] { return 1.0f; }, acc);
       }
       __syncthreads();  // the stage is rewritten by the next round
     }
