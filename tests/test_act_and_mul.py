@@ -22,6 +22,7 @@ from helpers import (
     DEVICES,
     DTYPES,
     FILTER_RANGES,
+    TOL,
     assert_compiles_once,
     assert_matches_reference,
     extreme_ids,
@@ -549,6 +550,56 @@ def test_cuda_graph_capture_and_replay(monkeypatch, pdl):
         assert_matches_reference(z, reference.act_and_mul_ref(y, "gelu_tanh"))
         assert out[~live].isnan().all()
         assert_matches_reference(out[live], reference.act_and_mul_ref(x, "gelu")[live])
+
+
+def _edge_types(graph) -> dict[tuple[int, int], int]:
+    """{(i, j): edge type} between the kernel nodes of a captured graph, numbered in capture order (a chain)."""
+    from cuda.bindings import driver
+
+    raw = driver.CUgraph(graph.raw_cuda_graph())
+    err, *_, n = driver.cuGraphGetEdges(raw, 0)
+    assert err == driver.CUresult.CUDA_SUCCESS
+    err, src, dst, data, n = driver.cuGraphGetEdges(raw, n)
+    assert err == driver.CUresult.CUDA_SUCCESS
+    edges = {int(s): (int(d), int(e.type)) for s, d, e in zip(src[:n], dst[:n], data[:n])}
+    (first,) = set(edges) - {d for d, _ in edges.values()}
+    order, types = [first], {}
+    while order[-1] in edges:
+        nxt, kind = edges[order[-1]]
+        types[len(order) - 1, len(order)] = kind
+        order.append(nxt)
+    return types
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
+)
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_captured_launches_keep_pdl(monkeypatch, pdl):
+    # An ATen kernel (neg) -> ours -> ours -> the packing kernel (Triton) -> ours, captured: with PDL on, every one
+    # of our launches is a programmatic edge of the graph (the dependent may start early), with it off none is.
+    monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
+    x = randn(64, 2 * 512, dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, 8, (64, 2), device="cuda", dtype=torch.int32)
+    w = torch.rand(64, 2, device="cuda")
+
+    def step():
+        y = im.silu_and_mul(torch.neg(x))
+        z = im.gelu_and_mul(y)
+        packed = im.pack_topk_ids_weights(ids, w)
+        return z, packed, im.moe_combine(z.view(128, 128), w)
+
+    step()
+    graph = torch.cuda.CUDAGraph(keep_graph=True)
+    with torch.cuda.graph(graph):
+        z, packed, out = step()
+    expected = 1 if pdl == "1" else 0  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC, or the default edge
+    assert _edge_types(graph) == {(0, 1): expected, (1, 2): expected, (2, 3): expected, (3, 4): expected}
+    graph.replay()
+    assert_matches_reference(z, reference.act_and_mul_ref(reference.act_and_mul_ref(-x, "silu"), "gelu"))
+    assert torch.equal(packed, reference.pack_topk_ids_weights_ref(ids, w))
+    torch.testing.assert_close(out, reference.moe_combine_ref(z.view(128, 128), w), **TOL[torch.bfloat16])
 
 
 @pytest.mark.cuda

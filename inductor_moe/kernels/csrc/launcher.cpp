@@ -175,7 +175,12 @@ CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, 
   return g_functions.emplace(key, fn).first->second;
 }
 
-// PDL on sm90+ unless INDUCTOR_MOE_PDL=0 (read per call, like every INDUCTOR_MOE_* setting; see config.py).
+// PDL on sm90+ unless INDUCTOR_MOE_PDL=0 (read per call, like every INDUCTOR_MOE_* setting; see config.py), for
+// every launch, whatever ran before it. In a CUDA graph a PDL launch pays only after a kernel that was itself
+// launched with PDL: H200, the grouped block's decode activation, µs over the kernel before alone, 1.38 with PDL
+// against 2.07 plain after a PDL launch, but 1.81 against 1.59 after a plain one (a GEMM, an ATen kernel).
+// Launching plain there (the capture says what the launch will depend on) would save those 0.2 µs and cost the
+// next kernel, if that one uses PDL, ~0.45 (BENCHMARKS.md, twelfth session), and the next kernel is unknown here.
 bool use_pdl(const DeviceInfo& info) {
   if (info.major < 9) return false;
   const char* env = std::getenv("INDUCTOR_MOE_PDL");
