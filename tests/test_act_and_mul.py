@@ -577,8 +577,9 @@ def _edge_types(graph) -> dict[tuple[int, int], int]:
 )
 @pytest.mark.parametrize("pdl", ["0", "1"])
 def test_captured_launches_keep_pdl(monkeypatch, pdl):
-    # An ATen kernel (neg) -> ours -> ours -> the packing kernel (Triton) -> ours, captured: with PDL on, every one
-    # of our launches is a programmatic edge of the graph (the dependent may start early), with it off none is.
+    # An ATen kernel (neg) -> ours -> ours -> the packing kernel (Triton) -> ours, captured: with PDL on, the edge
+    # into each of our launches and the packing kernel's is programmatic (the dependent may start early), with it
+    # off none is.
     monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
     x = randn(64, 2 * 512, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, 8, (64, 2), device="cuda", dtype=torch.int32)
