@@ -576,31 +576,38 @@ def _edge_types(graph) -> dict[tuple[int, int], int]:
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
 )
 @pytest.mark.parametrize("pdl", ["0", "1"])
-def test_captured_launches_keep_pdl(monkeypatch, pdl):
-    # An ATen kernel (neg) -> ours -> ours -> the packing kernel (Triton) -> ours, captured: with PDL on, the edge
-    # into each of our launches and the packing kernel's is programmatic (the dependent may start early), with it
-    # off none is.
+def test_captured_launches_use_pdl_where_it_pays(monkeypatch, pdl):
+    # A captured chain, and the edge into each launch (launcher.h, Pdl): the activations use PDL only after
+    # kernels launched with it (ours, noted by the launcher, or another library's, which has a programmatic edge
+    # in), the combine and the packing kernel always; with PDL off no edge is programmatic.
     monkeypatch.setenv("INDUCTOR_MOE_PDL", pdl)
     x = randn(64, 2 * 512, dtype=torch.bfloat16, device="cuda")
     ids = torch.randint(0, 8, (64, 2), device="cuda", dtype=torch.int32)
     w = torch.rand(64, 2, device="cuda")
 
     def step():
-        y = im.silu_and_mul(torch.neg(x))
-        z = im.gelu_and_mul(y)
-        packed = im.pack_topk_ids_weights(ids, w)
-        return z, packed, im.moe_combine(z.view(128, 128), w)
+        a = im.silu_and_mul(x)  # 0: the capture's first node
+        b = im.gelu_and_mul(a)  # 1: after our PDL launch (no edge into it: only the launcher knows)
+        c = torch.neg(b)  # 2: an ATen kernel, launched plain
+        d = im.silu_and_mul(c)  # 3: after a plain launch: plain
+        e = im.moe_combine(d.view(128, 64), w)  # 4: always PDL
+        packed = im.pack_topk_ids_weights(ids, w)  # 5: Triton, always PDL
+        f = im.silu_and_mul(e)  # 6: after another library's PDL launch
+        return a, b, c, d, e, packed, f
 
     step()
     graph = torch.cuda.CUDAGraph(keep_graph=True)
     with torch.cuda.graph(graph):
-        z, packed, out = step()
-    expected = 1 if pdl == "1" else 0  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC, or the default edge
-    assert _edge_types(graph) == {(0, 1): expected, (1, 2): expected, (2, 3): expected, (3, 4): expected}
+        a, b, c, d, e, packed, f = step()
+    on = 1 if pdl == "1" else 0  # CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC with PDL on, else the default edge
+    assert _edge_types(graph) == {(0, 1): on, (1, 2): 0, (2, 3): 0, (3, 4): on, (4, 5): on, (5, 6): on}
     graph.replay()
-    assert_matches_reference(z, reference.act_and_mul_ref(reference.act_and_mul_ref(-x, "silu"), "gelu"))
+    assert_matches_reference(a, reference.act_and_mul_ref(x, "silu"))
+    assert_matches_reference(b, reference.act_and_mul_ref(a, "gelu"))
+    assert_matches_reference(d, reference.act_and_mul_ref(c, "silu"))
+    torch.testing.assert_close(e, reference.moe_combine_ref(d.view(128, 64), w), **TOL[torch.bfloat16])
     assert torch.equal(packed, reference.pack_topk_ids_weights_ref(ids, w))
-    torch.testing.assert_close(out, reference.moe_combine_ref(z.view(128, 128), w), **TOL[torch.bfloat16])
+    assert_matches_reference(f, reference.act_and_mul_ref(e, "silu"))
 
 
 @pytest.mark.cuda

@@ -68,29 +68,34 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
 
   const int dtype = dtype_code(expert_out.scalar_type());
   const int wdtype = dtype_code(topk_weights.scalar_type());
-  // Elements a thread accumulates per access: 4 (8-byte accesses for 16-bit types) unless the kernel stages
-  // pairs and has enough work to fill the GPU, then 8. Four shortens each thread's chain of loads and FMAs,
-  // which is what a latency-bound launch waits for. H100, K=8, H=7168 bf16, CUDA graph, 8 -> 4 elements:
-  // unfiltered token-major T=1 1.55 -> 1.39 us, T=64 4.40 -> 4.26, T=8192 348.7 -> 349.5; half the pairs
-  // dead T=1 2.51 -> 2.04, T=16 2.62 -> 2.53, but T=64 3.18 -> 3.64 and T=8192 237 -> 304 (each staged pair
-  // is then loaded by twice the threads), so the staged paths keep 8 from 256 threads' worth an SM.
+  // Elements a thread accumulates per access: 8 (16-byte accesses for 16-bit types) once the tokens give
+  // 256 threads' worth an SM, 2 for staged pairs while they give fewer than 64, else 4: a latency-bound launch
+  // waits for each thread's chain of loads and FMAs, and a thread reading its eight rows' weights itself
+  // (token-major) gains less from a shorter one. H200, bf16 rows, fp32 weights, CUDA graph, the previous rule
+  // (8 only for staged pairs, else 4, blocks down to 32 or 64 threads) -> 8 / 2 / 4 with the blocks below:
+  // token-major K=8, H=7168 T=1 1.47 -> 1.40 us, T=16 2.04 -> 1.81, T=64 2.69 -> 2.59 (inputs in L2), T=256
+  // 9.35 -> 8.92, T=8192 243.6 -> 239.8; half the pairs dead T=16 2.31 -> 2.07; token-major K=2, H=4096 T=16
+  // 1.90 -> 1.43; gathered as the grouped block combines (1/8 local, renormalised) Mixtral-like T=1 1.55 ->
+  // 1.51, Qwen3-like T=1 1.96 -> 1.85. Then 2 -> 4 for staged pairs from 64 threads' worth an SM (the same
+  // device, eight input sets): gathered Mixtral-like T=32 1.86 -> 1.84, T=64 2.25 -> 1.89 (2.22 under the
+  // previous rule), Qwen3-like T=64 2.31 -> 2.26, T=128 2.87 -> 2.39; half the pairs dead T=16 2.05 ->
+  // 2.03, T=32 2.49 -> 2.20. Kept at 2 below that: Qwen3-like T=16 2.09 (2.14 with 4), T=32 2.15 (2.23),
+  // Mixtral-like T=16 1.80 (1.83).
   const int64_t sms = multiprocessor_count(expert_out.device());
   const bool staged = filter != 0 || rows_code != 0;
   const int64_t packs8 = (h + 7) / 8;
-  const int64_t elements = staged && tokens * packs8 >= sms * 256 ? 8 : 4;
+  const int64_t elements = tokens * packs8 >= sms * 256 ? 8 : staged && tokens * packs8 < sms * 64 ? 2 : 4;
   const int vec = vector_width(expert_out.element_size(), elements, {h, expert_out.stride(0)},
                                {expert_out.data_ptr(), out.data_ptr()});
   c10::DeviceGuard guard(expert_out.device());
 
-  // One thread per output pack, up to 256 a block; at least 64 when the kernel stages (row, weight) pairs
-  // 64 at a time in shared memory (filter or src_rows), else 32. Few tokens get smaller blocks, so the work
-  // spreads over more SMs: at T=1, H=7168 bf16 (896 packs) four 256-thread blocks left 128 of 132 SMs idle.
-  const int64_t min_threads = staged ? 64 : 32;
+  // One thread per output pack, 256 a block, or 128 when 256-thread blocks would leave SMs without one (or a
+  // row has at most 128 packs). Blocks of 128 beat smaller ones (more, on more SMs) at every decode size
+  // measured: token-major T=1, K=8, H=7168, 4 elements, 128 threads (14 blocks) 1.41 us against 1.47 with 32
+  // (56 blocks); the gathered Mixtral-like T=1, 2 elements, 1.54 against 1.58 with 32 and 1.56 with 64 (same
+  // device, graph). At least 64 either way: the staged path loads a round's 64 pairs one a thread.
   const int64_t packs = h / vec;
-  const int64_t wanted = 2 * sms;
-  int64_t threads = 256;
-  while (threads > min_threads && tokens * ((packs + threads - 1) / threads) < wanted) threads /= 2;
-  threads = std::min<int64_t>(threads, std::max<int64_t>(min_threads, (packs + 31) / 32 * 32));
+  const int64_t threads = packs > 128 && tokens * ((packs + 255) / 256) >= sms ? 256 : 128;
   const int64_t chunks = (packs + threads - 1) / threads;
   TORCH_CHECK(chunks <= 65535, cat("inductor_moe.moe_combine: hidden size ", h, " is too large"));
 
@@ -114,6 +119,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   p.k = static_cast<int>(k);
   p.h = static_cast<int>(h);
   void* args[] = {&p};
+  // Always PDL: the next kernel is the model's, under backend="inductor_moe" usually an Inductor kernel launched
+  // with PDL, which a plain launch here would cost more (~0.45 us) than it saves (0.2; launcher.h).
   launch_kernel(expert_out.device(), kCombineFamily, "combine",
                 {{"IM_DTYPE", dtype, 2},
                  {"IM_WDTYPE", wdtype, 2},
@@ -123,7 +130,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
                  {"IM_ZERO_DEAD", zero_dead_rows && filter != 0 ? 1 : 0, 1},
                  {"IM_VEC", vec, 4}},
                 Dim3{static_cast<unsigned>(tokens), static_cast<unsigned>(chunks)},
-                Dim3{static_cast<unsigned>(threads)}, args);
+                Dim3{static_cast<unsigned>(threads)}, args, Pdl::kAlways);
   return out;
 }
 

@@ -19,6 +19,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "message.h"
@@ -39,6 +40,12 @@ struct Driver {
   decltype(&cuModuleLoadData) module_load_data = nullptr;
   decltype(&cuModuleGetFunction) module_get_function = nullptr;
   decltype(&cuLaunchKernelEx) launch_kernel_ex = nullptr;
+  // Optional (drivers of CUDA 12.3 and newer; null without them): what the next node of a stream capture will
+  // depend on, and the kind of each edge into a node. Spelled out, not decltype'd: cuda.h maps the plain names
+  // to the versions of its own release, and these are the ones with edge data.
+  CUresult (*stream_get_capture_info)(CUstream, CUstreamCaptureStatus*, cuuint64_t*, CUgraph*, const CUgraphNode**,
+                                      const CUgraphEdgeData**, size_t*) = nullptr;
+  CUresult (*graph_node_get_dependencies)(CUgraphNode, CUgraphNode*, CUgraphEdgeData*, size_t*) = nullptr;
 };
 
 template <typename F>
@@ -63,6 +70,10 @@ const Driver& driver() {
     resolve(handle, r.module_load_data, "cuModuleLoadData");
     resolve(handle, r.module_get_function, "cuModuleGetFunction");
     resolve(handle, r.launch_kernel_ex, "cuLaunchKernelEx");
+    r.stream_get_capture_info =
+        reinterpret_cast<decltype(r.stream_get_capture_info)>(dlsym(handle, "cuStreamGetCaptureInfo_v3"));
+    r.graph_node_get_dependencies =
+        reinterpret_cast<decltype(r.graph_node_get_dependencies)>(dlsym(handle, "cuGraphNodeGetDependencies_v2"));
     return r;
   }();
   return d;
@@ -175,16 +186,75 @@ CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, 
   return g_functions.emplace(key, fn).first->second;
 }
 
-// PDL on sm90+ unless INDUCTOR_MOE_PDL=0 (read per call, like every INDUCTOR_MOE_* setting; see config.py), for
-// every launch, whatever ran before it. In a CUDA graph a PDL launch pays only after a kernel that was itself
-// launched with PDL: H200, the grouped block's decode activation, µs over the kernel before alone, 1.38 with PDL
-// against 2.07 plain after a PDL launch, but 1.81 against 1.59 after a plain one (a GEMM, an ATen kernel).
-// Launching plain there (the capture says what the launch will depend on) would save those 0.2 µs and cost the
-// next kernel, if that one uses PDL, ~0.45 (BENCHMARKS.md, twelfth session), and the next kernel is unknown here.
-bool use_pdl(const DeviceInfo& info) {
+// PDL on sm90+ unless INDUCTOR_MOE_PDL=0 (read per call, like every INDUCTOR_MOE_* setting; see config.py).
+bool pdl_allowed(const DeviceInfo& info) {
   if (info.major < 9) return false;
   const char* env = std::getenv("INDUCTOR_MOE_PDL");
   return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
+// The capture a stream is in (status ACTIVE) and the nodes its next node will depend on; false when it is not
+// capturing, or the driver lacks the queries (older than CUDA 12.3).
+bool capture_state(CUstream stream, cuuint64_t* id, const CUgraphNode** deps, size_t* n) {
+  const Driver& d = driver();
+  if (d.stream_get_capture_info == nullptr || d.graph_node_get_dependencies == nullptr) return false;
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  return d.stream_get_capture_info(stream, &status, id, nullptr, deps, nullptr, n) == CUDA_SUCCESS &&
+         status == CU_STREAM_CAPTURE_STATUS_ACTIVE;
+}
+
+// Our kernels captured with PDL in the capture `g_pdl_capture` (one capture at a time is tracked: another one
+// starting forgets them, which only makes a launch after them plain). Their launch leaves no trace in the graph
+// when they come first, with no edge in.
+std::mutex g_pdl_mutex;
+cuuint64_t g_pdl_capture = 0;
+std::unordered_set<CUgraphNode> g_pdl_nodes;
+
+// Whether a captured node is a kernel launched with PDL: one of ours so launched, or one with a programmatic
+// edge in (what a PDL launch after a kernel becomes; a kernel launched plain, a memset or an event has none).
+bool launched_with_pdl(cuuint64_t capture, CUgraphNode node) {
+  {
+    std::lock_guard<std::mutex> lock(g_pdl_mutex);
+    if (capture == g_pdl_capture && g_pdl_nodes.count(node) != 0) return true;
+  }
+  const Driver& d = driver();
+  size_t n = 0;
+  if (d.graph_node_get_dependencies(node, nullptr, nullptr, &n) != CUDA_SUCCESS || n == 0) return false;
+  std::vector<CUgraphNode> deps(n);
+  std::vector<CUgraphEdgeData> edges(n);
+  if (d.graph_node_get_dependencies(node, deps.data(), edges.data(), &n) != CUDA_SUCCESS) return false;
+  for (size_t i = 0; i < n; ++i) {
+    if (edges[i].type == CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC) return true;
+  }
+  return false;
+}
+
+// Whether a launch on `stream` follows only kernels launched with PDL: false when it is being captured after
+// any node that was not (a GEMM, an ATen kernel); true outside a capture (the kernel before is unknown), at the
+// start of one, and with drivers without the capture queries.
+bool follows_pdl_launches(CUstream stream) {
+  cuuint64_t capture = 0;
+  const CUgraphNode* deps = nullptr;
+  size_t n = 0;
+  if (!capture_state(stream, &capture, &deps, &n)) return true;
+  for (size_t i = 0; i < n; ++i) {
+    if (!launched_with_pdl(capture, deps[i])) return false;
+  }
+  return true;
+}
+
+// After a PDL launch on `stream`: if it was captured, its node (the capture's one dependency now) is noted.
+void note_pdl_launch(CUstream stream) {
+  cuuint64_t capture = 0;
+  const CUgraphNode* deps = nullptr;
+  size_t n = 0;
+  if (!capture_state(stream, &capture, &deps, &n) || n != 1) return;
+  std::lock_guard<std::mutex> lock(g_pdl_mutex);
+  if (capture != g_pdl_capture) {
+    g_pdl_capture = capture;
+    g_pdl_nodes.clear();
+  }
+  g_pdl_nodes.insert(deps[0]);
 }
 
 // torch's current stream on `device` (what c10::cuda::getCurrentCUDAStream returns), through the
@@ -199,7 +269,7 @@ CUstream current_stream(const c10::Device& device) {
 int multiprocessor_count(const c10::Device& device) { return device_info(device.index()).sms; }
 
 void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family,
-                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args) {
+                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args, Pdl pdl) {
   const DeviceInfo& info = device_info(device.index());
   make_current(info);
   CUfunction fn = get_function(device.index(), info, family_id, family, defines);
@@ -216,8 +286,10 @@ void launch_kernel(const c10::Device& device, uint32_t family_id, const char* fa
   config.blockDimZ = block.z;
   config.hStream = current_stream(device);
   config.attrs = &attr;
-  config.numAttrs = use_pdl(info) ? 1 : 0;
+  const bool with_pdl = pdl_allowed(info) && (pdl == Pdl::kAlways || follows_pdl_launches(config.hStream));
+  config.numAttrs = with_pdl ? 1 : 0;
   check_cu(driver().launch_kernel_ex(&config, fn, args, nullptr), "cuLaunchKernelEx");
+  if (with_pdl) note_pdl_launch(config.hStream);
 }
 
 }  // namespace inductor_moe

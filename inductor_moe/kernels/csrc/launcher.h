@@ -22,12 +22,27 @@ struct Define {
   int bits;
 };
 
+// When a launch uses PDL (programmatic dependent launch: it may start while the kernel before it finishes, and
+// waits for it before its first global read). Only on sm90+, and never with INDUCTOR_MOE_PDL=0.
+//
+// In a CUDA graph PDL pays only after a kernel that was itself launched with it, and a kernel launched plain
+// takes that gain from the next launch if that one uses PDL. H200, µs a launch over the kernel before it alone
+// (BENCHMARKS.md, twelfth session): the grouped MoE block's decode activation 1.38 with PDL against 2.07 plain
+// after a PDL launch, but 1.81 against 1.59 after a plain one (a GEMM, an ATen kernel); a combine 1.14 against
+// 1.83, and 1.61 against 1.39.
+enum class Pdl {
+  kAlways,
+  // Plain when captured after a node that was not launched with PDL: for kernels whose next kernel is plain
+  // anyway, as the gated activation's is (the down projection's GEMM), so the plain launch costs nothing after.
+  kAfterPdlLaunches,
+};
+
 // Launches entry point `inductor_moe_kernel` of the variant `defines` of csrc/<family>.cu on the current
-// stream of `device`, with PDL on sm90+ (unless INDUCTOR_MOE_PDL=0). The defines are packed into the key of
+// stream of `device`, with PDL as `pdl` says. The defines are packed into the key of
 // the in-memory kernel cache; only the first launch of a variant on a device formats them ("NAME=VALUE;...")
 // and compiles it (or reads it from the disk cache) through the Python callback. `device` must be the
 // current device (a c10::DeviceGuard in the caller).
 void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family,
-                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args);
+                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args, Pdl pdl);
 
 }  // namespace inductor_moe

@@ -86,17 +86,18 @@ def topk_pack_kernel(
 # (one a thread) were slower from T=1024 (0.80, 0.98), and so were bigger programs with 8 warps (T=8192 with
 # 1024 over 8 warps 0.95). A contiguous-input path without the row/column arithmetic, which lets Triton
 # vectorize, matched the strided one at this size (T=8192 0.94 vs 0.89-0.94), so there is one path.
-# Past 256 such programs (T=8192, K=8), 512 elements a program (four a thread): H200, CUDA graph with PDL,
-# 2026-12-01, T=32768 1.51 -> 1.12 us a kernel, T=8192 0.79 either way, while at T=64 and 1024 512-element
-# programs were slower (0.62 -> 0.68, 0.69 -> 0.72).
+# Past 32 such programs (T > 1024, K=8), 512 elements a program over 8 warps (two a thread, half the programs):
+# H200, CUDA graph with PDL, 2026-12-03, µs a kernel against 256 over 4 warps: T=2048 0.705 / 0.701, T=4096
+# 0.723 / 0.753, T=8192 0.759 / 0.790, T=32768 1.016 / 1.506 (512 over 4 warps there 1.102; 1024 over 8 or 16
+# warps slower at every T); at T=1024 0.687 / 0.686.
 _MAX_BLOCK = 256
 _LARGE_BLOCK = 512
 
 
 def _block(numel: int) -> tuple[int, int]:
     """(elements, warps) of one program."""
-    if numel > 256 * _MAX_BLOCK:
-        return _LARGE_BLOCK, 4
+    if numel > 32 * _MAX_BLOCK:
+        return _LARGE_BLOCK, 8
     block = min(_MAX_BLOCK, max(32, triton.next_power_of_2(numel)))
     return block, max(1, min(4, block // 32))
 
