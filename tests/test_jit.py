@@ -20,10 +20,15 @@ from inductor_moe.kernels import jit
 ELF_MAGIC = b"\x7fELF"
 
 
+def _element_size(dtype: int) -> int:
+    """Bytes of an element of dtype code ``dtype`` (0 fp32, 1 fp16, 2 bf16: csrc/host_common.h dtype_code)."""
+    return 4 if dtype == 0 else 2
+
+
 def _widths(dtype: int, two: bool = False) -> tuple[int, ...]:
     """Access widths in elements the host asks for: one element, 4, and 8 (16 bytes) for half types; 2 where
     ``two`` (the unfiltered activation of small inputs, the combine's staged pairs)."""
-    return tuple(w for w in (1, 2, 4, 8) if (w != 2 or two) and w * (4 if dtype == 0 else 2) <= 16)
+    return tuple(w for w in (1, 2, 4, 8) if (w != 2 or two) and w * _element_size(dtype) <= 16)
 
 
 # Every act_and_mul variant csrc/act_and_mul.cpp can ask for: dtype code (fp32, fp16, bf16) x activation x filter
@@ -81,7 +86,7 @@ def test_every_variant_compiles(cache, family, arch):
 @pytest.mark.parametrize("family", list(VARIANTS))
 def test_pdl_instructions_only_on_sm90_and_later(cache, family):
     # griddepcontrol is sm90+: the same source must build for sm_80 without it, and keep it for sm_90.
-    variant = next(v for v in reversed(VARIANTS[family]) if v["IM_VEC"] * (4 if v["IM_DTYPE"] == 0 else 2) == 16)
+    variant = next(v for v in reversed(VARIANTS[family]) if v["IM_VEC"] * _element_size(v["IM_DTYPE"]) == 16)
     ptx80 = jit.compile_variant(family, variant, "compute_80").read_text()
     ptx90 = jit.compile_variant(family, variant, "compute_90").read_text()
     assert "griddepcontrol" not in ptx80
@@ -113,7 +118,7 @@ def test_act_and_mul_loads_gate_and_up_back_to_back(variant):
     # access width in the kernel (an expert id of the same width, and a first pack read ahead of the id, are
     # loaded before them).
     lines = _sass(jit.compile_variant("act_and_mul", variant, "sm_90a"))
-    width = (4 if variant["IM_DTYPE"] == 0 else 2) * variant["IM_VEC"]
+    width = _element_size(variant["IM_DTYPE"]) * variant["IM_VEC"]
     load = {4: "LDG.E ", 8: "LDG.E.64 ", 16: "LDG.E.128 "}[width]
     gate, up = [i for i, line in enumerate(lines) if line.startswith(load)][-2:]
     between = [line for line in lines[gate + 1 : up] if _FLOAT_MATH.match(line)]

@@ -5,7 +5,7 @@
 
 namespace inductor_moe {
 
-// Element types by the code the host passes in (-DIM_DTYPE=...): see kernels/jit.py DTYPE_CODES.
+// Element types by the code the host passes in (-DIM_DTYPE=...): see dtype_code in host_common.h.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 template <int DTYPE>
