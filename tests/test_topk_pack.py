@@ -142,14 +142,19 @@ def test_compile_no_recompile_across_batch(device):
 @pytest.fixture
 def interpreted_topk_pack(monkeypatch):
     """A fresh copy of kernels/triton/topk_pack.py whose kernel runs in Triton's interpreter on the CPU."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton is a test dependency: no skip if it is missing
+    # Imported before TRITON_INTERPRET is set: triton.jit picks the interpreter when the module is first
+    # executed, and the op imports this module lazily, so an import under the variable would leave the op's
+    # own kernel interpreted for the rest of the process (on a GPU machine under pytest-xdist, the CUDA tests
+    # that a worker ran after this fixture then failed inside the interpreter).
     import inductor_moe.kernels.triton.topk_pack as installed
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton is a test dependency: no skip if it is missing
     spec = importlib.util.spec_from_file_location("inductor_moe.kernels.triton._interpreted", installed.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
     assert type(module.topk_pack_kernel).__name__ == "InterpretedFunction"
+    assert type(installed.topk_pack_kernel).__name__ == "JITFunction"
     return module
 
 
