@@ -6,7 +6,8 @@ Without the caching allocator every tensor is its own allocation, so a read or w
 tensor is an error memcheck reports. Small shapes cover each kernel variant path: 16-, 8-byte and
 element-wise accesses, a partial last column chunk, both filter modes, per-block ids, ids reached through an
 index and a PDL chain; the packing kernel; the combine kernel with gathered rows, the filter (dead pairs
-skipped or weighing zero rows), renormalised weights and k above one shared-memory stage (64).
+skipped or weighing zero rows), renormalised weights and k above one shared-memory stage (64), and
+token-major rows in blocks of 160 and 192 threads whose last column chunk is partial.
 """
 
 import torch
@@ -49,6 +50,10 @@ def main():
                 torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
             packed = im.pack_topk_ids_weights(rows, w)
             assert torch.equal(packed, reference.pack_topk_ids_weights_ref(rows, w))
+    for t, k, h in ((12, 8, 7000), (24, 8, 3000)):  # token-major: blocks of 160 and 192 threads, partial chunks
+        eo = torch.randn(t * k, h, device="cuda", dtype=torch.bfloat16)
+        w = torch.rand(t, k, device="cuda")
+        torch.testing.assert_close(im.moe_combine(eo, w), reference.moe_combine_ref(eo, w), rtol=1e-2, atol=1e-2)
     torch.cuda.synchronize()
     print("sanitize: done")
 

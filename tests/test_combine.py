@@ -101,6 +101,19 @@ def test_op_matches_reference(device, dtype, w_dtype, ids_dtype, rows_dtype, tok
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+# token-major decode sizes whose one-wave launch takes blocks of 160, 192, 224 and 256 threads on 132 SMs
+# (combine.cpp), the first two with a partial last chunk in each token's row
+@pytest.mark.parametrize("tokens,k,h", [(12, 8, 7000), (24, 8, 3000), (16, 8, 7168), (16, 2, 4096)])
+def test_token_major_block_sizes(dtype, tokens, k, h):
+    eo, w, _, _ = make_case(tokens, k, h, dtype, torch.float32, None, None, "cuda")
+    poison_allocator((tokens, h), dtype, "cuda")
+    out = im.moe_combine(eo, w)
+    assert not out.isnan().any(), "an output element was not written"
+    torch.testing.assert_close(out, reference.moe_combine_ref(eo, w), **TOL[dtype])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fp32_accumulation(device):
     # 64 bf16 terms of 1 + 2**-7 (exact in bf16) with weight 1: fp32 accumulation gives exactly 64.5, which
