@@ -321,6 +321,30 @@ def test_cuda_graph_and_pdl(monkeypatch, pdl):
 
 
 @pytest.mark.cuda
+def test_one_wave_combine_orders_its_dependents():
+    # A combine of one wave lets the next PDL grid launch at once (combine.cpp), so that grid runs its wait while
+    # the combine still reads its rows: the wait alone must order its reads after the combine's writes. A slow
+    # producer (64 rows a thread) into NaN-poisoned memory, and a consumer that reads every element of it.
+    eo = randn(16 * 64, 7168, dtype=torch.bfloat16, device="cuda")
+    w = torch.rand(16, 64, device="cuda")
+
+    def step():
+        poison_allocator((16, 7168), torch.bfloat16, "cuda")
+        y = im.moe_combine(eo, w)
+        return y, im.moe_combine(y, torch.ones(8, 2, device="cuda"))
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, z = step()
+    for _ in range(5):
+        eo.copy_(randn(*eo.shape, dtype=torch.bfloat16, device="cuda"))
+        graph.replay()
+        torch.testing.assert_close(y, reference.moe_combine_ref(eo, w), **TOL[torch.bfloat16])
+        assert torch.equal(z, reference.moe_combine_ref(y, torch.ones(8, 2, device="cuda")))
+
+
+@pytest.mark.cuda
 def test_src_rows_out_of_range_is_a_device_error():
     # A live pair naming a row outside expert_out cannot be checked on the host without a sync: the kernel
     # reports it and traps, which poisons the CUDA context, so this runs in a child process.

@@ -142,6 +142,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   using T = typename Storage<DTYPE>::type;
   using P = Pack<T, VEC>;
   pdl_wait();  // before the first global read (weights, ids, rows)
+  if (p.early_trigger) pdl_launch_dependents();
   const long long t = blockIdx.x;
   const int pack = blockIdx.y * blockDim.x + threadIdx.x;
   const bool owns_pack = pack < p.h / VEC;
@@ -216,7 +217,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
     for (int i = 0; i < VEC; ++i) o.v[i] = from_float<DTYPE>(acc[i]);
     reinterpret_cast<P*>(static_cast<T*>(p.out) + t * p.h)[pack] = o;
   }
-  pdl_launch_dependents();  // after the last write
+  pdl_launch_dependents();  // after the last write (a no-op after the early trigger)
 }
 
 }  // namespace inductor_moe

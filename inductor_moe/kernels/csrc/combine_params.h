@@ -20,6 +20,7 @@ struct CombineParams {
   long long expert_hi;
   int k;
   int h;  // < 2**31, checked on the host
+  int early_trigger;  // 1: let the next grid launch right after the wait (grids of one wave; combine.cpp)
 };
 
 }  // namespace inductor_moe
