@@ -148,15 +148,18 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   p.k = static_cast<int>(k);
   p.h = static_cast<int>(h);
   // Grids of at most two blocks an SM (one wave, all resident from the start) let the next grid launch right
-  // after their wait: its blocks then take the free slots and sit in their own wait, which still orders every
-  // read after this grid's last write, instead of launching when this one ends. H200, CUDA graph, median of
-  // five rounds, trigger at the end -> after the wait, a chain of combines / each combine followed by an
-  // Inductor add under backend="inductor_moe" (PDL, waits first): token-major K=8, H=7168 T=1 1.39 -> 1.19 /
-  // 2.26 -> 2.07 us, T=16 1.68 -> 1.49 / 2.74 -> 2.50, T=64 3.80 -> 3.49 / 5.62 -> 5.34; gathered as the
-  // grouped blocks combine, 1/8 local, Mixtral-like T=1 1.61 -> 1.32 / 2.57 -> 2.32, T=16 1.90 -> 1.58 / 2.97 ->
-  // 2.61, Qwen3-like T=1 1.93 -> 1.75 / 2.87 -> 2.73; half the pairs dead T=1 1.85 -> 1.51 / 2.72 -> 2.50.
-  // Larger grids keep the trigger at the end: the activation lost with an early one at 6.8 blocks an SM
-  // (act_and_mul.cu), and a grid of several waves gained nothing (T=1024 32.11 -> 32.10).
+  // after their wait: its blocks then take the free slots and sit in their own wait, which returns only once
+  // this grid has completed and its writes are visible, instead of launching when this one ends. That needs
+  // every PDL launch after it to wait before its first read, as the packing kernel's trigger at once does: ours
+  // do, and so do Inductor's under backend="inductor_moe" (backend.py; stock Inductor with its PDL on has
+  // kernels that skip the wait, unsafe with any trigger). H200, CUDA graph, median of five rounds, trigger at
+  // the end -> after the wait, a chain of combines / each combine followed by an Inductor add under
+  // backend="inductor_moe": token-major K=8, H=7168 T=1 1.39 -> 1.19 / 2.26 -> 2.07 us, T=16 1.68 -> 1.49 /
+  // 2.74 -> 2.50, T=64 3.80 -> 3.49 / 5.62 -> 5.34; gathered as the grouped blocks combine, 1/8 local,
+  // Mixtral-like T=1 1.61 -> 1.32 / 2.57 -> 2.32, T=16 1.90 -> 1.58 / 2.97 -> 2.61, Qwen3-like T=1 1.93 -> 1.75
+  // / 2.87 -> 2.73; half the pairs dead T=1 1.85 -> 1.51 / 2.72 -> 2.50. The blocks themselves, 1/8 local, T=1
+  // and 16: 0.4-1.3 us faster. Larger grids keep the trigger at the end: the activation lost with an early one
+  // at 6.8 blocks an SM (act_and_mul.cu), and a grid of several waves gained nothing (T=1024 32.11 -> 32.10).
   p.early_trigger = tokens * chunks <= 2 * sms ? 1 : 0;
   void* args[] = {&p};
   // Always PDL: the next kernel is the model's, under backend="inductor_moe" usually an Inductor kernel launched
