@@ -53,6 +53,16 @@ def poison_allocator(shape, dtype, device):
         del del_me
 
 
+def captured(step):
+    """``step()`` run once (JIT compiles and allocations stay outside the capture), then captured in a CUDA
+    graph: (the graph, what the captured call returned)."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def assert_matches_reference(out, ref):
     assert out.shape == ref.shape and out.dtype == ref.dtype
     assert not out.isnan().any(), "unwritten (poisoned) or NaN elements in the output"

@@ -25,6 +25,7 @@ from helpers import (
     TOL,
     assert_compiles_once,
     assert_matches_reference,
+    captured,
     extreme_ids,
     id_in_range,
     poison_allocator,
@@ -536,10 +537,7 @@ def test_cuda_graph_capture_and_replay(monkeypatch, pdl):
         im.gelu_and_mul(x, out=out, expert_ids=ids)  # untouched mode
         return y, im.gelu_tanh_and_mul(y)  # a dependent launch inside the graph
 
-    step()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, z = step()
+    graph, (y, z) = captured(step)
     for _ in range(3):
         x.copy_(randn(300, 2 * 1024, dtype=torch.bfloat16, device="cuda"))
         ids.copy_(torch.randint(-1, 8, (300,), device="cuda", dtype=torch.int32))

@@ -20,6 +20,7 @@ from helpers import (
     FILTER_RANGES,
     TOL,
     assert_compiles_once,
+    captured,
     extreme_ids,
     id_in_range,
     poison_allocator,
@@ -305,10 +306,7 @@ def test_cuda_graph_and_pdl(monkeypatch, pdl):
         # dependent launch: combine the combined rows again, token-major, two "experts" per token
         return y, im.moe_combine(y, torch.ones(32, 2, device="cuda"))
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, z = step()
+    graph, (y, z) = captured(step)
     for _ in range(3):
         eo.copy_(randn(*eo.shape, dtype=torch.bfloat16, device="cuda"))
         w.copy_(torch.rand(64, 8, device="cuda"))
@@ -333,10 +331,7 @@ def test_one_wave_combine_orders_its_dependents():
         y = im.moe_combine(eo, w)
         return y, im.moe_combine(y, torch.ones(8, 2, device="cuda"))
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        y, z = step()
+    graph, (y, z) = captured(step)
     for _ in range(5):
         eo.copy_(randn(*eo.shape, dtype=torch.bfloat16, device="cuda"))
         graph.replay()

@@ -15,7 +15,7 @@ import torch
 import inductor_moe as im
 from inductor_moe import ops, reference
 
-from helpers import DEVICES, DTYPES, assert_compiles_once
+from helpers import DEVICES, DTYPES, assert_compiles_once, captured
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 
@@ -188,10 +188,7 @@ def test_cuda_graph_and_pdl_chain(monkeypatch, pdl):
         again = im.pack_topk_ids_weights(packed >> 16, (packed & 0xFFFF).to(torch.int16).view(torch.bfloat16))
         return packed, again
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        packed, again = step()
+    graph, (packed, again) = captured(step)
     for _ in range(3):
         ids.copy_(torch.randint(-1, 256, (512, 8), device="cuda", dtype=torch.int32))
         w.copy_(torch.randn(512, 8, device="cuda"))
