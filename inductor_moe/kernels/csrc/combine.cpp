@@ -31,6 +31,40 @@ int check_pairs(const char* name, const std::optional<at::Tensor>& t, const at::
   return index_code(t->scalar_type());
 }
 
+// Threads a block, one an output pack of a token's row: 128 to 256 (at least 64 either way: the staged path loads
+// a round's 64 pairs one a thread).
+// - Staged pairs: 256 once 256-thread blocks give every SM one, else 128. Blocks of 128 beat smaller ones
+//   (more, on more SMs) at every decode size measured: the gathered Mixtral-like T=1, 2 elements, 1.54 us
+//   against 1.58 with 32 and 1.56 with 64 (H200, graph); the token-major rule below lost 1-1.7% here
+//   (gathered as the grouped blocks combine, 1/8 local: Qwen3-like T=32 2.17 -> 2.21, T=64 2.25 -> 2.28,
+//   Mixtral-like T=32 1.84 -> 1.86), where it picks 256 over 128 with fewer blocks than SMs.
+// - Token-major, past two waves' worth of 256-thread blocks: 256. The launch streams, and the most resident
+//   threads win (224, whose chunks fit 896 packs exactly, lost 1.5-4% at T=128-256, K=8, H=7168).
+// - Token-major, below that: the grid is one wave, and a launch takes its busiest SM's loads plus a cost a
+//   block (its dispatch; ~1.5 ns a block: K=2, H=4096 T=16 took 1.31 / 1.26 / 1.25 / 1.21 / 1.21 us at
+//   128 / 112 / 96 / 80 / 64 blocks of 128 / 160 / 192 / 224 / 256 threads), so the count is the one of least
+//       96 * blocks + ceil(blocks / SMs) * threads * bytes a thread loads,
+//   the smaller on a tie. Against the staged rule, H200, bf16 rows, fp32 weights, CUDA graph, median of five
+//   rounds in alternating order: K=8, H=7168 T=16 1.81 -> 1.77 us (224: 128 blocks, none idle, where 256
+//   leaves 20 SMs without one and 128 gives 92 two), T=32 2.09 -> 2.04, T=48 2.62 -> 2.46, T=64 3.90 ->
+//   3.77 (L2-resident 2.73 -> 2.49), fp16 T=64 3.63 -> 3.50; K=4, H=7168 T=16 1.46 -> 1.36; K=2, H=4096 T=16
+//   1.30 -> 1.20 (256: 64 blocks instead of 128); every other shape within the runs' 1.5%.
+int64_t block_threads(int64_t tokens, int64_t packs, int64_t sms, bool staged, int64_t bytes_per_thread) {
+  if (staged) return packs > 128 && tokens * ((packs + 255) / 256) >= sms ? 256 : 128;
+  if (tokens * ((packs + 255) / 256) > 2 * sms) return 256;
+  int64_t threads = 128;
+  int64_t best = std::numeric_limits<int64_t>::max();
+  for (int64_t t = 128; t <= 256; t += 32) {
+    const int64_t blocks = tokens * ((packs + t - 1) / t);
+    const int64_t cost = 96 * blocks + (blocks + sms - 1) / sms * t * bytes_per_thread;
+    if (cost < best) {
+      best = cost;
+      threads = t;
+    }
+  }
+  return threads;
+}
+
 }  // namespace
 
 at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk_weights,
@@ -90,41 +124,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
                                {expert_out.data_ptr(), out.data_ptr()});
   c10::DeviceGuard guard(expert_out.device());
 
-  // One thread per output pack, 128 to 256 a block (at least 64 either way: the staged path loads a round's 64
-  // pairs one a thread).
-  // - Staged pairs: 256 once 256-thread blocks give every SM one, else 128. Blocks of 128 beat smaller ones
-  //   (more, on more SMs) at every decode size measured: the gathered Mixtral-like T=1, 2 elements, 1.54 us
-  //   against 1.58 with 32 and 1.56 with 64 (H200, graph); the token-major rule below lost 1-1.7% here
-  //   (gathered as the grouped blocks combine, 1/8 local: Qwen3-like T=32 2.17 -> 2.21, T=64 2.25 -> 2.28,
-  //   Mixtral-like T=32 1.84 -> 1.86), where it picks 256 over 128 with fewer blocks than SMs.
-  // - Token-major, past two waves' worth of 256-thread blocks: 256. The launch streams, and the most resident
-  //   threads win (224, whose chunks fit 896 packs exactly, lost 1.5-4% at T=128-256, K=8, H=7168).
-  // - Token-major, below that: the grid is one wave, and a launch takes its busiest SM's loads plus a cost a
-  //   block (its dispatch; ~1.5 ns a block: K=2, H=4096 T=16 took 1.31 / 1.26 / 1.25 / 1.21 / 1.21 us at
-  //   128 / 112 / 96 / 80 / 64 blocks of 128 / 160 / 192 / 224 / 256 threads), so the count is the one of least
-  //       96 * blocks + ceil(blocks / SMs) * threads * bytes a thread loads,
-  //   the smaller on a tie. Against the staged rule, H200, bf16 rows, fp32 weights, CUDA graph, median of five
-  //   rounds in alternating order: K=8, H=7168 T=16 1.81 -> 1.77 us (224: 128 blocks, none idle, where 256
-  //   leaves 20 SMs without one and 128 gives 92 two), T=32 2.09 -> 2.04, T=48 2.62 -> 2.46, T=64 3.90 ->
-  //   3.77 (L2-resident 2.73 -> 2.49), fp16 T=64 3.63 -> 3.50; K=4, H=7168 T=16 1.46 -> 1.36; K=2, H=4096 T=16
-  //   1.30 -> 1.20 (256: 64 blocks instead of 128); every other shape within the runs' 1.5%.
   const int64_t packs = h / vec;
-  int64_t threads = packs > 128 && tokens * ((packs + 255) / 256) >= sms ? 256 : 128;
-  if (!staged) {
-    const int64_t bytes_per_thread = k * vec * expert_out.element_size();
-    threads = 256;
-    if (tokens * ((packs + 255) / 256) <= 2 * sms) {
-      int64_t best = std::numeric_limits<int64_t>::max();
-      for (int64_t t = 128; t <= 256; t += 32) {
-        const int64_t blocks = tokens * ((packs + t - 1) / t);
-        const int64_t cost = 96 * blocks + (blocks + sms - 1) / sms * t * bytes_per_thread;
-        if (cost < best) {
-          best = cost;
-          threads = t;
-        }
-      }
-    }
-  }
+  const int64_t threads = block_threads(tokens, packs, sms, staged, k * vec * expert_out.element_size());
   const int64_t chunks = (packs + threads - 1) / threads;
   TORCH_CHECK(chunks <= 65535, cat("inductor_moe.moe_combine: hidden size ", h, " is too large"));
 
