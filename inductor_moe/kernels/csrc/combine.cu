@@ -137,6 +137,35 @@ __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int
   }
 }
 
+// The cold end of a staging thread that found a live pair naming a row outside expert_out: find the first
+// such pair of those it staged (threadIdx.x, + kStage, ...), report it and trap, which poisons the context, so
+// the output, written with that pair read as dead, is never used. Checked where it was staged instead, the
+// compare and its branch to the printf sat between the pair loads and the shared-memory stage of every staged
+// launch. H200, bf16, the grouped MoE blocks with 1/8 of the experts local, this kernel inside the compiled
+// block (PDL off), 3 rounds each, branch there -> here: Mixtral-like T=1 1.63-1.70 -> 1.57-1.60 us, T=16
+// 2.37-2.40 -> 2.02, Qwen3-like T=1 2.18-2.24 -> 2.11, but T=16 2.34-2.40 -> 2.50-2.56 (BENCHMARKS.md,
+// nineteenth session). With no check at all: 1.60 / 1.89 / 2.08-2.11 / 2.24-2.27.
+// Its arguments are scalars: a reference to the kernel's parameters would make ptxas copy them to the stack (176
+// bytes) in every launch.
+template <int ROWS, int FILTER>
+__device__ __noinline__ void report_bad_rows(const void* topk_ids, long long ids_stride0, long long ids_stride1,
+                                             long long expert_lo, long long expert_hi, const void* src_rows,
+                                             long long rows_stride0, long long rows_stride1, int k,
+                                             long long expert_rows, long long t) {
+  for (int j = threadIdx.x; j < k; j += kStage) {
+    bool live = true;
+    if constexpr (FILTER != 0) {
+      live = id_is_live(load_expert_id<FILTER>(topk_ids, t * ids_stride0 + j * ids_stride1), expert_lo, expert_hi);
+    }
+    const long long src = load_expert_id<ROWS>(src_rows, t * rows_stride0 + j * rows_stride1);  // int32/int64 by code
+    if (live && static_cast<unsigned long long>(src) >= static_cast<unsigned long long>(expert_rows)) {
+      printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, src,
+             expert_rows);
+      __trap();
+    }
+  }
+}
+
 template <int DTYPE, int WDTYPE, int FILTER, int ROWS, int RENORM, int ZERO_DEAD, int VEC>
 __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
   using T = typename Storage<DTYPE>::type;
@@ -150,6 +179,7 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
 #pragma unroll
   for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
 
+  bool bad = false;  // set by a staging thread whose live pair's row is outside expert_out (src_rows only)
   if constexpr (FILTER == 0 && ROWS == 0) {
     // Unfiltered and token-major: the rows are t * k + j, known without a load, so a thread reads weights
     // and rows in one round trip instead of staging's two (T=1, H=7168 bf16: 2.19 us staged).
@@ -192,12 +222,11 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         const long long src = source_row<ROWS>(p, t, j);
         const float raw_weight = load_weight<WDTYPE>(p.weights, t * p.w_strides[0] + j * p.w_strides[1]);
         const float weight = renormalized<WDTYPE, RENORM>(raw_weight, RENORM ? weight_sum<WDTYPE>(p, t) : 1.0f);
-        if (live && (src < 0 || src >= p.expert_rows)) {  // a live pair must name a row of expert_out
-          printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, src,
-                 p.expert_rows);
-          __trap();
-        }
-        stage_row[threadIdx.x] = live ? src : -1;
+        // a live pair must name a row of expert_out: one that does not is read as dead and reported at the end
+        const bool out_of_range =
+            ROWS != 0 && live && static_cast<unsigned long long>(src) >= static_cast<unsigned long long>(p.expert_rows);
+        bad |= out_of_range;
+        stage_row[threadIdx.x] = live && !out_of_range ? src : -1;
         // a dead pair's weight is what it multiplies its zero row by (ZERO_DEAD), else unused
         stage_weight[threadIdx.x] = live || ZERO_DEAD ? weight : 0.0f;
       }
@@ -216,6 +245,12 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) o.v[i] = from_float<DTYPE>(acc[i]);
     reinterpret_cast<P*>(static_cast<T*>(p.out) + t * p.h)[pack] = o;
+  }
+  if constexpr (ROWS != 0) {
+    if (bad) {
+      report_bad_rows<ROWS, FILTER>(p.topk_ids, p.ids_strides[0], p.ids_strides[1], p.expert_lo, p.expert_hi,
+                                    p.src_rows, p.rows_strides[0], p.rows_strides[1], p.k, p.expert_rows, t);
+    }
   }
   pdl_launch_dependents();  // after the last write (a no-op after the early trigger)
 }
