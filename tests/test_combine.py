@@ -358,6 +358,31 @@ def test_src_rows_out_of_range_is_a_device_error():
     assert "src_rows[3, 1] = 99 is outside expert_out's 16 rows" in result.stdout
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [2, 70])
+def test_filtered_src_rows_out_of_range_names_the_live_pair(k):
+    # The kernel reads a bad live pair as dead and reports it after its writes, finding it again among the pairs
+    # its thread staged (k=70: the second round of 64). A dead pair's bad row is never read, nor reported.
+    script = textwrap.dedent(
+        f"""
+        import torch, inductor_moe as im
+        k = {k}
+        eo = torch.randn(8 * k, 64, device="cuda")
+        rows = torch.arange(8 * k, device="cuda").view(8, k)
+        ids = torch.zeros(8, k, dtype=torch.int32, device="cuda")
+        ids[5, 0] = -1
+        rows[5, 0] = -4  # dead
+        rows[5, k - 1] = 8 * k + 3  # live
+        im.moe_combine(eo, torch.ones(8, k, device="cuda"), topk_ids=ids, expert_range=(0, 8), src_rows=rows)
+        torch.cuda.synchronize()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = f"inductor_moe.moe_combine: src_rows[5, {k - 1}] = {8 * k + 3} is outside expert_out's {8 * k} rows"
+    assert message in result.stdout and "= -4" not in result.stdout
+
+
 def test_sizes_past_32_bit_indexing_rejected():
     # Meta tensors reach the fake function without allocating.
     w = torch.rand(4, 2, device="meta")
