@@ -27,6 +27,15 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     return weights, ids
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """``inv`` with ``inv[perm[i]] = i`` for a permutation ``perm`` of range(n), 1-D: what ``torch.argsort(perm)``
+    returns, by a scatter instead of a sort. The combine's source rows: sorted row ``inv[j]`` holds pair j. The
+    compiled path computes them so too where a model spells them ``argsort(perm)`` (the combine's lowering).
+    H200, CUDA graph, eager calls, n = 2 / 128 / 2048 / 32768: argsort 7.5 / 12.9 / 32.7 / 69.3 us, this 2.5 /
+    2.5 / 4.4 / 5.0 (two launches: the arange, the scatter; compiled, one)."""
+    return torch.empty_like(perm).index_put_((perm,), torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """rows offs[e-1]..offs[e]-1 of ``a`` [M, K] times ``b[e]`` [K, N], for every expert e: [M, N]. Rows past
     offs[-1] (the dead ones) are not computed. torch's grouped GEMM (CUTLASS on sm90+ bf16, its own fallback
@@ -64,7 +73,7 @@ def experts(
     # sorted row r's expert is key[order[r]] (E for the dead rows after offs[-1]), read through the index
     ops.act_and_mul(activation, h, out=a, expert_ids=key, expert_range=(0, num_local), expert_ids_index=order)
     y = _grouped_mm(a, w2.transpose(1, 2), offs)  # [T*K, H]
-    src_rows = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    src_rows = inverse_permutation(order)  # [T*K]: pair -> sorted row
     return ops.moe_combine(  # [T, H]: dead pairs (and their unwritten rows) are never read
         y,
         topk_weights,

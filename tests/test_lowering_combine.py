@@ -164,15 +164,20 @@ def test_masked_terms_become_the_filter(case, ids_dtype):
 # Rows gathered back to token order (grouped-GEMM MoE blocks)
 
 
-def grouped_tail(y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order), zero=lambda y: 0):
+def grouped_tail(
+    y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order), zero=lambda y: 0, return_inverse=False
+):
     """The tail of examples/moe_blocks.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
-    experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k."""
+    experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k.
+    With ``return_inverse`` also the inverse permutation it put them back with."""
     local = ids - lo
     sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
     order = torch.argsort(sentinel, stable=True)
     remote = sentinel[order] == num_local
-    back = torch.where(remote[:, None], zero(y), y)[inverse(order)]
-    return (back.view(*w.shape, -1) * w[..., None]).sum(1).to(y.dtype)
+    inv = inverse(order)
+    back = torch.where(remote[:, None], zero(y), y)[inv]
+    out = (back.view(*w.shape, -1) * w[..., None]).sum(1).to(y.dtype)
+    return (out, inv) if return_inverse else out
 
 
 def grouped_case(tokens=6, k=4, hidden=24, lo=3, num_local=4):
@@ -198,6 +203,8 @@ def test_gathered_masked_rows_become_src_rows_and_filter(zero):
     # wrapped range (5, 4)), dead pairs adding w * 0; neither gather nor the rows' where is left
     assert re.search(r"inductor_moe\.moe_combine\(in\d, in\d, v\d+, 5, 4, v\d+, True\)", graph), graph
     assert "aten.index(" not in graph and graph.count("aten.where(") == 1, graph
+    # argsort(order) of the permutation order is its inverse: scattered (moe.inverse_permutation), not sorted
+    assert graph.count("aten.sort(") == 1 and re.search(r"aten\.index_put_\(v\d+, \[v\d+\], v\d+\)", graph), graph
     assert not out.isnan().any()
     # the same pairs dropped (the remote ones), the rest the op's sum over the rows put back in order
     local = ids - 3
@@ -241,10 +248,22 @@ def test_gathered_rows_without_a_provable_inverse():
     assert families(report) == ["combine"], report
     graph = report.graphs[-1]
     assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d, None, 0, 2147483647, v\d+\)", graph), graph
-    assert "aten.where(" in graph
+    assert "aten.where(" in graph and graph.count("aten.sort(") == 2 and "index_put" not in graph, graph
     eager = grouped_tail(y, w, ids, 3, 4, inverse=descending)
     tol = TOL[torch.bfloat16]["rtol"]
     torch.testing.assert_close(out, eager, rtol=4 * tol, atol=4 * tol)
+
+
+def test_inverse_used_elsewhere_stays_a_sort():
+    # an argsort(order) that the program returns too is sorted anyway: the combine reads it, no second copy
+    torch.manual_seed(3)
+    y, w, ids, _ = grouped_case()
+    (out, inv), report = compile_rewrite(lambda *a: grouped_tail(*a, return_inverse=True), y, w, ids, 3, 4)
+    assert families(report) == ["combine"], report
+    graph = report.graphs[-1]
+    assert graph.count("aten.sort(") == 2 and "index_put" not in graph, graph
+    assert torch.equal(inv, grouped_tail(y, w, ids, 3, 4, return_inverse=True)[1])
+    assert torch.equal(out, compile_rewrite(grouped_tail, y, w, ids, 3, 4)[0])
 
 
 def test_rows_gathered_by_any_index_are_materialised():

@@ -22,7 +22,10 @@ never negative: an arbitrary index could wrap around, which src_rows does not), 
 ``remote`` a mask of ids ``s[perm]`` and ``inv = argsort(perm)`` for a permutation ``perm`` (rows sorted by
 expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's row is masked exactly when
 ``s[perm[inv[j]]] = s[j]`` is, so ``s`` becomes the op's per-pair filter with ``zero_dead_rows``: a masked
-pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row.
+pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row. And when
+``perm`` is itself a sort's indices, ``inv = argsort(perm)`` is its inverse: src_rows are then scattered as the
+runner scatters them (``moe.inverse_permutation``, the same values) instead of sorted, unless the program uses
+that sort for something else.
 
 Renormalised weights: ``w / w.sum(-1, keepdim=True)`` computed only for the combine (in one dtype) becomes the
 op's ``renormalize``, which saves the launch that materialised them. The op sums the k weights in pair order,
@@ -36,7 +39,7 @@ import dataclasses
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from .. import reference
+from .. import moe, reference
 from . import expert_mask, matching
 
 aten = torch.ops.aten
@@ -186,6 +189,7 @@ class _Combine:
     rows: torch.fx.Node
     weights: torch.fx.Node
     src_rows: torch.fx.Node | None = None
+    inverse_of: torch.fx.Node | None = None  # src_rows is argsort(inverse_of), a permutation: inverted, not sorted
     filter: expert_mask.ExpertFilter | None = None
     zero_dead_rows: bool = False
     renormalize: bool = False
@@ -231,10 +235,23 @@ def _gathered(c: _Combine) -> _Combine | None:
     pairs = w.shape[0] * w.shape[1]
     if matching.val(rows).dim() != 2 or not matching.known(matching.val(inv).shape[0] == pairs):
         return None
+    c = dataclasses.replace(c, src_rows=inv, inverse_of=_inverted(inv))
     folded = _masked_rows(rows, inv, pairs)
     if folded and _rows_layout_ok(folded[0]):
-        return dataclasses.replace(c, rows=folded[0], src_rows=inv, filter=folded[1], zero_dead_rows=True)
-    return dataclasses.replace(c, rows=rows, src_rows=inv) if _rows_layout_ok(rows) else None
+        return dataclasses.replace(c, rows=folded[0], filter=folded[1], zero_dead_rows=True)
+    return dataclasses.replace(c, rows=rows) if _rows_layout_ok(rows) else None
+
+
+def _inverted(inv: torch.fx.Node) -> torch.fx.Node | None:
+    """``perm`` if ``inv`` = ``argsort(perm)`` (ascending) of a permutation ``perm`` (itself a sort's indices) and
+    the sort serves only this combine: then inv is perm's inverse, which moe.inverse_permutation computes exactly
+    (the values are distinct, so every sort of them, stable or not, gives the same indices) in one scattering
+    kernel instead of a sort."""
+    found = matching.sort_indices(inv)
+    if found is None or found[1] or matching.sort_indices(found[0]) is None:
+        return None
+    sort = inv.args[0]
+    return found[0] if len(inv.users) == 1 and list(sort.users) == [inv] else None
 
 
 def _rows_layout_ok(node: torch.fx.Node) -> bool:
@@ -281,10 +298,12 @@ def _replace(match: Match, c: _Combine):
     def combine(rows, weights, ids=None, src_rows=None):
         shape = weights.shape
         ids = None if ids is None else ids.reshape(shape)
+        if c.inverse_of is not None:
+            src_rows = moe.inverse_permutation(src_rows)
         src_rows = None if src_rows is None else src_rows.reshape(shape)
         return OP(rows, weights, ids, lo, hi, src_rows, c.zero_dead_rows, c.renormalize)
 
-    args = [c.rows, c.weights, f.ids if f else None, c.src_rows]
+    args = [c.rows, c.weights, f.ids if f else None, c.inverse_of if c.inverse_of is not None else c.src_rows]
     return combine, args
 
 

@@ -44,9 +44,7 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
   if constexpr (ROWS == 0) {
     return t * p.k + j;
   } else {
-    const long long offset = t * p.rows_strides[0] + j * p.rows_strides[1];
-    return ROWS == 1 ? static_cast<long long>(static_cast<const int*>(p.src_rows)[offset])
-                     : static_cast<const long long*>(p.src_rows)[offset];
+    return load_expert_id<ROWS>(p.src_rows, t * p.rows_strides[0] + j * p.rows_strides[1]);  // int32/int64 by code
   }
 }
 
@@ -157,7 +155,7 @@ __device__ __noinline__ void report_bad_rows(const void* topk_ids, long long ids
     if constexpr (FILTER != 0) {
       live = id_is_live(load_expert_id<FILTER>(topk_ids, t * ids_stride0 + j * ids_stride1), expert_lo, expert_hi);
     }
-    const long long src = load_expert_id<ROWS>(src_rows, t * rows_stride0 + j * rows_stride1);  // int32/int64 by code
+    const long long src = load_expert_id<ROWS>(src_rows, t * rows_stride0 + j * rows_stride1);
     if (live && static_cast<unsigned long long>(src) >= static_cast<unsigned long long>(expert_rows)) {
       printf("inductor_moe.moe_combine: src_rows[%lld, %d] = %lld is outside expert_out's %lld rows\n", t, j, src,
              expert_rows);

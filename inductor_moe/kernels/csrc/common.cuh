@@ -86,8 +86,8 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 // (a few dozen instructions even on its 32-bit fast path), on the way to every filtered row's first load.
 __device__ __forceinline__ long long step_slot(long long row, long long step) { return step == 1 ? row : row / step; }
 
-// Element `offset` of an int32 (CODE 1) or int64 (CODE 2) id array, widened; expert ids and the index into
-// them are coded alike (host_common.h).
+// Element `offset` of an int32 (CODE 1) or int64 (CODE 2) array, widened: expert ids, the index into them and
+// the combine's source rows are all coded so (index_code in host_common.h).
 template <int CODE>
 __device__ __forceinline__ long long load_expert_id(const void* expert_ids, long long offset) {
   return CODE == 1 ? static_cast<long long>(static_cast<const int*>(expert_ids)[offset])
