@@ -27,6 +27,16 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     return weights, ids
 
 
+def narrow_keys(key: torch.Tensor, top: int) -> torch.Tensor:
+    """``key`` (values in [0, top]) in the narrowest integer dtype that holds them: a stable sort of it returns the
+    same indices, sooner (torch's sort takes longer the wider its keys: lowerings/expert_sort.py, which does
+    the same to a compiled model's sort)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if top <= torch.iinfo(dtype).max:
+            return key.to(dtype) if dtype.itemsize < key.dtype.itemsize else key
+    return key
+
+
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[i]] = i`` for a permutation ``perm`` of range(n), 1-D: what ``torch.argsort(perm)``
     returns, by a scatter instead of a sort. The combine's source rows: sorted row ``inv[j]`` holds pair j. The
@@ -61,7 +71,7 @@ def experts(
     lo = 0 if expert_range is None else expert_range[0]
     local = topk_ids - lo  # [T, K] ids of this rank's experts; the others fall outside [0, E_local)
     key = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)  # [T*K], dead pairs = E
-    order = torch.argsort(key, stable=True)  # [T*K]: sorted row -> pair (t * K + k)
+    order = torch.argsort(narrow_keys(key, num_local), stable=True)  # [T*K]: sorted row -> pair (t * K + k)
     ones = torch.ones_like(key, dtype=torch.int32)
     counts = torch.zeros(num_local + 1, dtype=torch.int32, device=key.device).scatter_add_(0, key, ones)
     offs = counts[:num_local].cumsum(0, dtype=torch.int32)  # [E]: end row of each local expert's group

@@ -1,6 +1,6 @@
 """The lowerings: pattern rewrites of the FX graphs Inductor compiles into the inductor_moe ops.
 
-One file per family (gated_act.py, topk_pack.py, combine.py), the canonical form they share
+One file per family (gated_act.py, topk_pack.py, combine.py, expert_sort.py), the canonical form they share
 (canonicalize.py), spellings traced into patterns (matching.py), masks turned into expert filters
 (expert_mask.py), and the record of what was done (report.py). :func:`apply` is the whole pass; backend.py
 installs it into Inductor.
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import config
-from . import canonicalize, combine, gated_act, report, topk_pack
+from . import canonicalize, combine, expert_sort, gated_act, report, topk_pack
 
 SOURCES = tuple(sorted(str(p) for p in Path(__file__).parent.glob("*.py")))
 
@@ -38,7 +38,8 @@ def apply(graph: torch.fx.Graph) -> int:
         return 0
     arithmetic, filters = _passes()
     canonicalize.canonicalize(graph)
-    count = arithmetic.apply(graph)
+    count = expert_sort.narrow_sort_keys(graph)
+    count += arithmetic.apply(graph)
     count += filters.apply(graph)
     if count:
         graph.eliminate_dead_code()

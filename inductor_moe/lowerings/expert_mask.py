@@ -82,6 +82,23 @@ def expert_filter(mask: torch.fx.Node, rows_shape: list, live_when_true: bool) -
     return ExpertFilter(ids, step, *bounds)
 
 
+def values_where_true(mask: torch.fx.Node) -> tuple[torch.fx.Node, Intervals, tuple[int, int]] | str:
+    """(x, the values of x for which ``mask`` holds, x's dtype range) if ``mask`` is a predicate over one int32 or
+    int64 tensor x alone, value by value (no per-block expansion); else why not."""
+    state = _Eval()
+    live = state.evaluate(mask)
+    if isinstance(live, str):
+        return live
+    if state.ids is None or state.step != 1:
+        return "the mask is not a predicate over one tensor's values"
+    return state.ids, live, state.domain
+
+
+def complement(intervals: Intervals, domain: tuple[int, int]) -> Intervals:
+    """The values of ``domain`` outside ``intervals``."""
+    return _complement(intervals, domain)
+
+
 def through_index(ids: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """(s, perm) if ``ids`` is ``s[perm]`` for a 1-D ``s`` and ``perm`` the indices of a sort (so every index is in
     range and none wraps around): the ops then read ``s`` through ``perm`` instead of a gathered copy."""
