@@ -41,8 +41,9 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     """``inv`` with ``inv[perm[i]] = i`` for a permutation ``perm`` of range(n), 1-D: what ``torch.argsort(perm)``
     returns, by a scatter instead of a sort. The combine's source rows: sorted row ``inv[j]`` holds pair j. The
     compiled path computes them so too where a model spells them ``argsort(perm)`` (the combine's lowering).
-    H200, CUDA graph, eager calls, n = 2 / 128 / 2048 / 32768: argsort 7.5 / 12.9 / 32.7 / 69.3 us, this 2.5 /
-    2.5 / 4.4 / 5.0 (two launches: the arange, the scatter; compiled, one)."""
+    H200, CUDA graph, n = 2 / 128 / 2048 / 32768: argsort 7.4 / 12.9 / 32.2 / 68.4 us, this 2.5 / 2.5 / 4.5 /
+    4.8 eager (two launches: the arange, the scatter), 1.1 / 1.1 / 1.4 / 1.4 compiled
+    (benchmarks/bench_expert_sort.py)."""
     return torch.empty_like(perm).index_put_((perm,), torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
 
 

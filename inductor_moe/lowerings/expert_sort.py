@@ -3,9 +3,10 @@
 Grouped-GEMM blocks sort their T*K (token, slot) pairs by a key that is the pair's local expert, or a sentinel
 for the experts of other ranks: ``argsort(where((local >= 0) & (local < E), local, E), stable=True)``
 (examples/moe_blocks.py, and the runner, moe.py). The key is int64 and torch's sort takes longer the wider its
-keys. H200, CUDA graph, stable argsort of keys in [0, 16] by key dtype, int64 / int32 / int16 / uint8:
-n = 2 10.7 / 8.2 / 6.9 / 6.3 us, n = 128 13.1 / 8.9 / 7.5 / 6.7, n = 2048 32.3 / 20.2 / 14.9 / 11.7,
-n = 32768 65.5 / 40.3 / 26.6 / 17.3 (BENCHMARKS.md, twentieth session).
+keys. H200, CUDA graph, eager stable argsort of keys in [0, 16] by key dtype, int64 / int32 / int16 / uint8:
+n = 2 10.7 / 8.1 / 6.8 / 6.3 us, n = 128 12.8 / 8.9 / 7.4 / 6.7, n = 2048 31.9 / 20.1 / 14.8 / 11.6,
+n = 32768 64.7 / 39.9 / 26.0 / 17.1; compiled, this rewrite takes n = 2048 from 33.1 to 12.9 us and n = 32768
+from 66.6 to 18.0 (benchmarks/bench_expert_sort.py; to 128 pairs with static shapes Inductor sorts in Triton).
 
 When the key's values provably lie in a small range, the same stable sort over the key cast to the narrowest
 integer dtype that holds the range returns the same indices: the cast keeps every value the key can take
