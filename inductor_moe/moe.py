@@ -27,14 +27,21 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     return weights, ids
 
 
+def narrow_key_dtype(lo: int, hi: int, dtype: torch.dtype) -> torch.dtype | None:
+    """The narrowest of uint8 / int16 / int32 that holds [lo, hi] and is narrower than ``dtype``, else None. A
+    stable sort of keys in [lo, hi] cast to it returns the same indices, sooner (torch's sort takes longer the
+    wider its keys: lowerings/expert_sort.py, which casts a compiled model's keys so)."""
+    for narrow in (torch.uint8, torch.int16, torch.int32):
+        info = torch.iinfo(narrow)
+        if info.min <= lo and hi <= info.max:
+            return narrow if narrow.itemsize < dtype.itemsize else None
+    return None
+
+
 def narrow_keys(key: torch.Tensor, top: int) -> torch.Tensor:
-    """``key`` (values in [0, top]) in the narrowest integer dtype that holds them: a stable sort of it returns the
-    same indices, sooner (torch's sort takes longer the wider its keys: lowerings/expert_sort.py, which does
-    the same to a compiled model's sort)."""
-    for dtype in (torch.uint8, torch.int16, torch.int32):
-        if top <= torch.iinfo(dtype).max:
-            return key.to(dtype) if dtype.itemsize < key.dtype.itemsize else key
-    return key
+    """``key`` (values in [0, top]) in :func:`narrow_key_dtype`'s dtype for them, or as it is."""
+    dtype = narrow_key_dtype(0, top, key.dtype)
+    return key if dtype is None else key.to(dtype)
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

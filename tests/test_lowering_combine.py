@@ -254,6 +254,29 @@ def test_gathered_rows_without_a_provable_inverse():
     torch.testing.assert_close(out, eager, rtol=4 * tol, atol=4 * tol)
 
 
+def test_gathered_rows_under_symbolic_tokens():
+    # the grouped tail with a dynamic batch: one graph, the sort narrowed and the inverse scattered at every size
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from inductor_moe import backend, config
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor_moe")
+    compiled = torch.compile(lambda *a: grouped_tail(*a, 3, 4), backend=counter, fullgraph=True, dynamic=True)
+    with config.override(devices="cpu"), backend.reporting() as report:
+        for tokens in (5, 11, 40):  # not 6: 6 * 4 pairs would duck-size to the hidden size 24
+            torch.manual_seed(tokens)
+            y, w, ids, remote = grouped_case(tokens=tokens)
+            local = ids - 3
+            sentinel = torch.where((local >= 0) & (local < 4), local, 4).view(-1)
+            inverse = torch.argsort(torch.argsort(sentinel, stable=True)).view(w.shape)
+            expected = reference.moe_combine_ref(y, w, torch.where(remote, -1, 0), src_rows=inverse)
+            assert torch.equal(compiled(y, w, ids), expected)
+    assert counter.frame_count == 1
+    assert families(report) == ["expert_sort", "combine"], report
+    assert "aten.index_put_(" in report.graphs[-1] and report.graphs[-1].count("aten.sort(") == 1, report.graphs[-1]
+
+
 def test_inverse_used_elsewhere_stays_a_sort():
     # an argsort(order) that the program returns too is sorted anyway: the combine reads it, no second copy
     torch.manual_seed(3)

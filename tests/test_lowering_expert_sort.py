@@ -136,3 +136,57 @@ def test_runner_narrows_its_keys_alike(top, dtype):
     assert narrow.dtype == dtype and torch.equal(narrow.long(), key)
     assert torch.equal(torch.argsort(narrow, stable=True), torch.argsort(key, stable=True))
     assert moe.narrow_keys(key.int(), 40000).dtype == torch.int32  # never widened, never the same width again
+
+
+@pytest.mark.parametrize(("experts", "narrowed"), [(8, "uint8"), (256, "uint8"), (300, "int16")])
+@pytest.mark.parametrize("as_int32", [False, True], ids=["int64", "to(int32)"])
+def test_topk_ids_are_narrowed(experts, narrowed, as_int32):
+    # torchtitan's grouping: the routed expert ids themselves, in [0, E) for a top-k over E experts
+    torch.manual_seed(experts)
+    logits = torch.randn(37, experts)
+    logits[:, : experts // 2] = 0.5  # ties among the logits, and so many equal ids to keep in order
+
+    def fn(logits):
+        ids = torch.topk(logits, 4, dim=-1).indices
+        ids = ids.to(torch.int32) if as_int32 else ids
+        return torch.argsort(ids.view(-1), stable=True)
+
+    out, report = compile_rewrite(fn, logits)
+    assert sort_dtype(report) == narrowed, report
+    assert torch.equal(out, fn(logits))
+
+
+def test_a_cast_that_could_wrap_is_not_a_bound():
+    # ids of 300 experts through int8 and back: values wrap around, so [0, 300) bounds nothing
+    logits = torch.randn(16, 300)
+
+    def fn(logits):
+        return torch.argsort(torch.topk(logits, 2).indices.to(torch.int8).to(torch.int64).view(-1), stable=True)
+
+    out, report = compile_rewrite(fn, logits)
+    assert sort_dtype(report) is None, report
+    assert any("could wrap" in r.reason for r in report.rejected), report
+    assert torch.equal(out, fn(logits))
+
+
+def test_symbolic_batch_is_narrowed_once():
+    # dynamic tokens: the key's bound comes from the experts (a parameter's size), not the batch; a new batch
+    # size reuses the compiled graph
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor_moe")
+
+    def fn(ids):
+        return torch.argsort(expert_key(ids, 4, 8), stable=True)  # a closed-over int would be symbolic here
+
+    from inductor_moe import backend
+
+    torch._dynamo.reset()
+    with config.override(devices="cpu,cuda"), backend.reporting() as report:
+        compiled = torch.compile(fn, backend=counter, dynamic=True)
+        for tokens in (5, 37, 64):
+            ids = random_ids(tokens=tokens, experts=20)
+            assert torch.equal(compiled(ids), fn(ids))
+    assert counter.frame_count == 1
+    assert sort_dtype(report) == "uint8", report
+    assert "s" in [r.shape for r in report.rewrites][0], report  # the symbolic number of pairs

@@ -10,11 +10,14 @@ from 66.6 to 18.0 (benchmarks/bench_expert_sort.py; to 128 pairs with static sha
 
 When the key's values provably lie in a small range, the same stable sort over the key cast to the narrowest
 integer dtype that holds the range returns the same indices: the cast keeps every value the key can take
-distinct and in order, and a stable sort's indices depend on nothing else. The proof: the key is (a view of)
-``where(cond, x, c)`` or ``where(cond, c, x)`` with ``c`` an integer constant and ``cond`` a predicate over
-``x`` alone, which expert_mask.py evaluates as the exact set of values of x it holds for; the key's values are
-then that set (or its complement) and c. Only the sort's indices may be used: its sorted values would change
-dtype. An unstable sort is left alone (ties may come out in another order from another key dtype).
+distinct and in order, and a stable sort's indices depend on nothing else. The proofs, through views and integer
+casts that hold the range: the key is ``where(cond, x, c)`` or ``where(cond, c, x)`` with ``c`` an integer
+constant and ``cond`` a predicate over ``x`` alone, which expert_mask.py evaluates as the exact set of values of
+x it holds for, so the key's values are that set (or its complement) and c; or the key is the expert ids
+themselves, the indices of a ``topk`` over E experts (``argsort(topk_ids.view(-1), stable=True)``, as
+torchtitan groups its tokens), in [0, E) when E is static. Only the sort's indices may be used: its sorted
+values would change dtype. An unstable sort is left alone (ties may come out in another order from another key
+dtype).
 """
 
 from __future__ import annotations
@@ -23,16 +26,15 @@ import operator
 
 import torch
 
-from .. import config
+from .. import config, moe
 from . import expert_mask, matching, report
 from .matching import known, val
 
 aten = torch.ops.aten
 FAMILY = "expert_sort"
-SPELLING = "argsort(where(x in range, x, c), stable=True)"
+SPELLING = "argsort(key in a small range, stable=True)"
 
-# narrowest first; the key's own dtype is never replaced by one as wide
-_NARROW = (torch.uint8, torch.int16, torch.int32)
+_INTEGER = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # ops that move a tensor's values without changing them: the key may be a view of the where
 _SAME_VALUES = (aten.reshape.default, aten.view.default, aten.clone.default)
 
@@ -73,22 +75,65 @@ def _narrow_dtype(sort: torch.fx.Node) -> torch.dtype | str:
         return ""
     if not all(u.target is operator.getitem and u.args[1] == 1 for u in sort.users):
         return "the sorted values are used, not only the indices"
-    source = key
-    while isinstance(source, torch.fx.Node) and source.target in _SAME_VALUES:
-        source = source.args[0]
-    if not (isinstance(source, torch.fx.Node) and source.target is aten.where.self):
+    bounds = _key_bounds(key)
+    if not isinstance(bounds, tuple):
+        return bounds
+    lo, hi = bounds
+    dtype = moe.narrow_key_dtype(lo, hi, kv.dtype)
+    return dtype if dtype is not None else f"the key's values [{lo}, {hi}] need its own dtype {kv.dtype}"
+
+
+def _key_bounds(key: torch.fx.Node) -> tuple[int, int] | str:
+    """[lo, hi] holding every value ``key`` can take, or why there is none ("": not a spelling this knows).
+
+    Through ops that keep values (views, clone) and integer casts (each checked to hold the bounds, so none
+    wraps), the key is either ``where(cond, x, c)`` / ``where(cond, c, x)`` (see the module docstring) or the
+    indices of a ``topk`` over a dim of static size E, which lie in [0, E)."""
+    source, casts = key, []
+    while isinstance(source, torch.fx.Node):
+        if source.target in _SAME_VALUES:
+            source = source.args[0]
+        elif source.target is torch.ops.prims.convert_element_type.default and source.args[1] in _INTEGER:
+            casts.append(source.args[1])
+            source = source.args[0]
+        else:
+            break
+    if not isinstance(source, torch.fx.Node):
         return ""
-    cond, a, b = source.args
-    sv = val(source)
-    if isinstance(_int_constant(b, sv), int):
-        x, c, kept_when_true = a, _int_constant(b, sv), True
-    elif isinstance(_int_constant(a, sv), int):
-        x, c, kept_when_true = b, _int_constant(a, sv), False
+    if source.target is operator.getitem and source.args[1] == 1 and source.args[0].target is aten.topk.default:
+        bounds = _topk_bounds(source.args[0])
+    elif source.target is aten.where.self:
+        bounds = _where_bounds(source)
+    else:
+        return ""
+    if isinstance(bounds, tuple) and not all(
+        torch.iinfo(d).min <= bounds[0] and bounds[1] <= torch.iinfo(d).max for d in casts
+    ):
+        return f"a cast of the key to {casts} could wrap its values {list(bounds)} around"
+    return bounds
+
+
+def _topk_bounds(topk: torch.fx.Node) -> tuple[int, int] | str:
+    x = val(topk.args[0])
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    size = x.shape[dim] if x.dim() else 1
+    if not isinstance(size, int):
+        return f"the top-k runs over a dim of symbolic size {size}"
+    return (0, size - 1)
+
+
+def _where_bounds(where: torch.fx.Node) -> tuple[int, int] | str:
+    cond, a, b = where.args
+    wv = val(where)
+    if isinstance(_int_constant(b, wv), int):
+        x, c, kept_when_true = a, _int_constant(b, wv), True
+    elif isinstance(_int_constant(a, wv), int):
+        x, c, kept_when_true = b, _int_constant(a, wv), False
     else:
         return "the key is a where with no integer constant branch"
     xv, cv = val(x), val(cond)
     if not all(
-        isinstance(v, torch.Tensor) and v.dim() == sv.dim() and all(known(p == q) for p, q in zip(v.shape, sv.shape))
+        isinstance(v, torch.Tensor) and v.dim() == wv.dim() and all(known(p == q) for p, q in zip(v.shape, wv.shape))
         for v in (xv, cv)
     ):
         return "the key's where broadcasts its condition or its tensor branch"
@@ -100,13 +145,7 @@ def _narrow_dtype(sort: torch.fx.Node) -> torch.dtype | str:
         return "the where's condition is not a predicate over the values it keeps"
     if not kept_when_true:
         kept = expert_mask.complement(kept, domain)
-    lo = min([c] + [i[0] for i in kept])
-    hi = max([c] + [i[1] for i in kept])
-    for dtype in _NARROW:
-        info = torch.iinfo(dtype)
-        if info.min <= lo and hi <= info.max and dtype.itemsize < kv.dtype.itemsize:
-            return dtype
-    return f"the key's values [{lo}, {hi}] need its own dtype {kv.dtype}"
+    return min([c] + [i[0] for i in kept]), max([c] + [i[1] for i in kept])
 
 
 def _int_constant(node, like) -> int | None:
