@@ -165,19 +165,45 @@ def test_masked_terms_become_the_filter(case, ids_dtype):
 
 
 def grouped_tail(
-    y, w, ids, lo, num_local, inverse=lambda order: torch.argsort(order), zero=lambda y: 0, return_inverse=False
+    y,
+    w,
+    ids,
+    lo,
+    num_local,
+    inverse=lambda order: torch.argsort(order),
+    zero=lambda y: 0,
+    return_inverse=False,
+    scatter=None,
 ):
     """The tail of examples/moe_blocks.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
     experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k.
-    With ``return_inverse`` also the inverse permutation it put them back with."""
+    With ``return_inverse`` also the inverse permutation it put them back with; with ``scatter`` (one of
+    SCATTERS) the rows are scattered to their pairs instead of gathered through the inverse."""
     local = ids - lo
     sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
     order = torch.argsort(sentinel, stable=True)
     remote = sentinel[order] == num_local
-    inv = inverse(order)
-    back = torch.where(remote[:, None], zero(y), y)[inv]
+    masked = torch.where(remote[:, None], zero(y), y)
+    if scatter is None:
+        inv = inverse(order)
+        back = masked[inv]
+    else:
+        inv, back = None, SCATTERS[scatter](masked, order)
     out = (back.view(*w.shape, -1) * w[..., None]).sum(1).to(y.dtype)
     return (out, inv) if return_inverse else out
+
+
+def _setitem(rows, order):
+    back = torch.empty_like(rows)
+    back[order] = rows
+    return back
+
+
+# ways of putting sorted rows back in pair order without the inverse: out[order[i]] = rows[i]
+SCATTERS = {
+    "out[order] = rows": _setitem,
+    "zeros.index_copy(0, order, rows)": lambda rows, order: torch.zeros_like(rows).index_copy(0, order, rows),
+}
 
 
 def grouped_case(tokens=6, k=4, hidden=24, lo=3, num_local=4):
@@ -214,6 +240,69 @@ def test_gathered_masked_rows_become_src_rows_and_filter(zero):
     assert torch.equal(out, expected)
     tol = TOL[torch.bfloat16]["rtol"]
     torch.testing.assert_close(out, grouped_tail(y.nan_to_num(), w, ids, 3, 4), rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.parametrize("scatter", list(SCATTERS))
+def test_scattered_masked_rows_become_src_rows_and_filter(scatter):
+    # the rows scattered back to their pairs instead of gathered: the same op call, reading y through the
+    # scattered inverse; the scattered copy of y is never made
+    torch.manual_seed(4)
+    y, w, ids, remote = grouped_case()
+    out, report = compile_rewrite(lambda *a: grouped_tail(*a, scatter=scatter), y, w, ids, 3, 4)
+    assert families(report) == ["expert_sort", "combine"], report
+    graph = report.graphs[-1]
+    assert re.search(r"inductor_moe\.moe_combine\(in\d, in\d, v\d+, 5, 4, v\d+, True\)", graph), graph
+    assert "aten.index_put(" not in graph and graph.count("aten.index_put_(") == 1, graph  # only the inverse's
+    local = ids - 3
+    sentinel = torch.where((local >= 0) & (local < 4), local, 4).view(-1)
+    inverse = torch.argsort(torch.argsort(sentinel, stable=True)).view(w.shape)
+    assert torch.equal(out, reference.moe_combine_ref(y, w, torch.where(remote, -1, 0), src_rows=inverse))
+    tol = TOL[torch.bfloat16]["rtol"]
+    eager = grouped_tail(y.nan_to_num(), w, ids, 3, 4, scatter=scatter)
+    torch.testing.assert_close(out, eager, rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.parametrize("scatter", list(SCATTERS))
+def test_scattered_rows_are_read_in_place(scatter):
+    # no mask: rows sorted by any key, scattered back; the op reads them through the inverse, unfiltered
+    torch.manual_seed(6)
+    y, w, key = randn(24, 16, dtype=torch.bfloat16), torch.rand(6, 4), torch.randint(0, 5, (24,))
+
+    def fn(y, w, key):
+        back = SCATTERS[scatter](y, torch.argsort(key, stable=True))
+        return (back.view(6, 4, -1) * w[..., None]).sum(1).to(y.dtype)
+
+    out, report = compile_rewrite(fn, y, w, key)
+    assert families(report) == ["combine"], report
+    graph = report.graphs[-1]
+    assert re.search(r"inductor_moe\.moe_combine\(in\d, in\d, None, 0, 2147483647, v\d+\)", graph), graph
+    assert "aten.index_put(" not in graph, graph
+    inverse = torch.argsort(torch.argsort(key, stable=True)).view(6, 4)
+    assert torch.equal(out, reference.moe_combine_ref(y, w, src_rows=inverse))
+
+
+def test_scatters_that_are_not_a_permutation_stay():
+    # accumulated, or by an index that need not be a permutation (an input): the scattered copy is materialised
+    torch.manual_seed(5)
+    y, w = randn(12, 16, dtype=torch.bfloat16), torch.rand(3, 4)
+    order = torch.randperm(12)
+
+    def accumulated(y, w, order):
+        back = torch.zeros_like(y).index_put((torch.argsort(order),), y, accumulate=True)
+        return (back.view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
+
+    def by_input(y, w, order):
+        back = torch.zeros_like(y).index_copy(0, order, y)
+        return (back.view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
+
+    for fn in (accumulated, by_input):
+        out, report = compile_rewrite(fn, y, w, order)
+        assert families(report) == ["combine"], report
+        graph = report.graphs[-1]
+        assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d\)", graph) and "aten.index_put(" in graph, graph
+        back = torch.zeros_like(y).index_put((torch.argsort(order),), y, accumulate=True) if fn is accumulated else None
+        back = torch.zeros_like(y).index_copy(0, order, y) if back is None else back
+        assert torch.equal(out, reference.moe_combine_ref(back, w))
 
 
 def test_gathered_masked_rows_keep_nan_weights():

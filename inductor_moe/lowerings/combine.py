@@ -25,7 +25,10 @@ expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's r
 pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row. And when
 ``perm`` is itself a sort's indices, ``inv = argsort(perm)`` is its inverse: src_rows are then scattered as the
 runner scatters them (``moe.inverse_permutation``, the same values) instead of sorted, unless the program uses
-that sort for something else.
+that sort for something else. Rows scattered back instead, ``out[perm] = y`` or ``base.index_copy(0, perm, y)``
+(``index_put``, not accumulated, of y into a base of y's shape and dtype, perm a sort's indices of y's length,
+so every row of base is overwritten), are ``y[inv]`` with inv perm's inverse: read the same way, the copy is
+never made.
 
 Renormalised weights: ``w / w.sum(-1, keepdim=True)`` computed only for the combine (in one dtype) becomes the
 op's ``renormalize``, which saves the launch that materialised them. The op sums the k weights in pair order,
@@ -222,36 +225,70 @@ def _weights(w_node: torch.fx.Node) -> tuple[torch.fx.Node, bool]:
 
 
 def _gathered(c: _Combine) -> _Combine | None:
-    """The combine reading expert_out's source through src_rows, when expert_out is rows gathered by a
-    permutation (see the module docstring), else None."""
+    """The combine reading expert_out's source rows through src_rows, when expert_out is those rows put back in
+    token order by a permutation (see the module docstring), else None."""
     eo_node = c.rows
-    if eo_node.target is not aten.index.Tensor or len(eo_node.users) != 1:
+    if len(eo_node.users) != 1:
         return None
-    rows, indices = eo_node.args
-    if len(indices) != 1 or matching.sort_indices(indices[0]) is None:
-        return None
-    inv = indices[0]
     w = matching.val(c.weights)
     pairs = w.shape[0] * w.shape[1]
-    if matching.val(rows).dim() != 2 or not matching.known(matching.val(inv).shape[0] == pairs):
+    source = _token_order(eo_node, pairs)
+    if source is None:
         return None
-    c = dataclasses.replace(c, src_rows=inv, inverse_of=_inverted(inv))
-    folded = _masked_rows(rows, inv, pairs)
+    rows, inv, perm = source
+    # the inverse is scattered when it is known and no sort computes it for something else already
+    inverse_of = perm if perm is not None and (inv is None or _serves_only(inv)) else None
+    c = dataclasses.replace(c, src_rows=inv, inverse_of=inverse_of)
+    folded = _masked_rows(rows, perm, pairs) if perm is not None else None
     if folded and _rows_layout_ok(folded[0]):
         return dataclasses.replace(c, rows=folded[0], filter=folded[1], zero_dead_rows=True)
     return dataclasses.replace(c, rows=rows) if _rows_layout_ok(rows) else None
 
 
-def _inverted(inv: torch.fx.Node) -> torch.fx.Node | None:
-    """``perm`` if ``inv`` = ``argsort(perm)`` (ascending) of a permutation ``perm`` (itself a sort's indices) and
-    the sort serves only this combine: then inv is perm's inverse, which moe.inverse_permutation computes exactly
-    (the values are distinct, so every sort of them, stable or not, gives the same indices) in one scattering
-    kernel instead of a sort."""
-    found = matching.sort_indices(inv)
-    if found is None or found[1] or matching.sort_indices(found[0]) is None:
+def _token_order(
+    eo_node: torch.fx.Node, pairs
+) -> tuple[torch.fx.Node, torch.fx.Node | None, torch.fx.Node | None] | None:
+    """(y, inv, perm) if expert_out is the rows of the 2-D ``y`` put in another order, one row per pair, with
+    pair j's row ``y[inv[j]]``: gathered, ``y[inv]`` with inv a sort's indices (so a permutation, never negative),
+    or scattered, ``index_put(base, [perm], y)`` (``out[perm] = y``, ``index_copy``) with perm a sort's indices of
+    y's length, which overwrites every row of base, so that inv is perm's inverse. ``perm`` is the permutation
+    whose inverse inv is, where that is known (``inv = argsort(perm)`` with perm a sort's indices, or the
+    scatter's), else None; ``inv`` is None for the scatter (no node computes it)."""
+    if eo_node.target is aten.index.Tensor:
+        y, indices = eo_node.args
+        if len(indices) != 1 or matching.sort_indices(indices[0]) is None:
+            return None
+        inv = indices[0]
+        x, descending = matching.sort_indices(inv)
+        perm = x if not descending and matching.sort_indices(x) is not None else None
+        length = matching.val(inv).shape[0]
+    elif eo_node.target is aten.index_put.default:
+        base, indices, y = eo_node.args[:3]
+        accumulate = eo_node.args[3] if len(eo_node.args) > 3 else eo_node.kwargs.get("accumulate", False)
+        if accumulate or len(indices) != 1 or matching.sort_indices(indices[0]) is None:
+            return None
+        inv, perm = None, indices[0]
+        bv, yv = matching.val(base), matching.val(y)
+        if not (
+            bv.dtype == yv.dtype
+            and bv.dim() == yv.dim()
+            and all(matching.known(a == b) for a, b in zip(bv.shape, yv.shape))
+        ):
+            return None  # a cast or a broadcast of the values into base
+        length = matching.val(perm).shape[0]
+        if not matching.known(length == bv.shape[0]):
+            return None
+    else:
         return None
-    sort = inv.args[0]
-    return found[0] if len(inv.users) == 1 and list(sort.users) == [inv] else None
+    if matching.val(y).dim() != 2 or not matching.known(length == pairs):
+        return None
+    return y, inv, perm
+
+
+def _serves_only(inv: torch.fx.Node) -> bool:
+    """Whether the sort whose indices ``inv`` are serves nothing but this combine (so inverting instead of
+    sorting removes the sort)."""
+    return len(inv.users) == 1 and list(inv.args[0].users) == [inv]
 
 
 def _rows_layout_ok(node: torch.fx.Node) -> bool:
@@ -259,8 +296,9 @@ def _rows_layout_ok(node: torch.fx.Node) -> bool:
     return matching.known(v.shape[1] <= 1) or matching.known(v.stride(1) == 1)
 
 
-def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
-    """(y, filter over pairs) if rows = where(mask of s[perm] per row, 0, y) and inv = argsort(perm), else None."""
+def _masked_rows(rows: torch.fx.Node, perm: torch.fx.Node, pairs):
+    """(y, filter over pairs) if rows = where(mask of s[perm] per row, 0, y), rows put in token order by perm's
+    inverse, else None."""
     if rows.target is not aten.where.self or len(rows.users) != 1:
         return None
     cond, a, b = rows.args
@@ -277,13 +315,11 @@ def _masked_rows(rows: torch.fx.Node, inv: torch.fx.Node, pairs):
     f = expert_mask.expert_filter(cond, [rv.shape[0]], live_when_true)
     if isinstance(f, str) or f.step != 1:
         return None
-    # f.ids must be s[perm] with perm a permutation whose ascending argsort is inv: then row inv[j] is s[j]'s
+    # f.ids must be s[perm] with rows put in token order by perm's inverse inv: then row inv[j] is s[j]'s
     indexed = expert_mask.through_index(f.ids)
-    if indexed is None:
+    if indexed is None or indexed[1] is not perm:
         return None
-    s_node, perm = indexed
-    if matching.sort_indices(inv) != (perm, False):
-        return None
+    s_node = indexed[0]
     if not (
         matching.known(matching.val(s_node).shape[0] == pairs) and matching.known(matching.val(perm).shape[0] == pairs)
     ):
