@@ -70,9 +70,10 @@ class MoEPass(_INFERENCE_AWARE or custom_graph_pass.CustomGraphPass):
 
 
 def _source_hash() -> bytes:
-    from . import ops, reference
+    from . import moe, ops, reference
 
-    files = (*lowerings.SOURCES, __file__, ops.__file__, reference.__file__)
+    # moe.py too: the rewrites call its inverse_permutation and narrow_key_dtype
+    files = (*lowerings.SOURCES, __file__, ops.__file__, reference.__file__, moe.__file__)
     return custom_graph_pass.get_hash_for_files(tuple(files))
 
 

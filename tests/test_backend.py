@@ -137,6 +137,22 @@ def test_enable_and_disable_on_the_stock_backend():
         assert rep.rewrites == [] and mine.calls == 2
 
 
+def test_uuid_hashes_every_source_the_rewrites_run(monkeypatch):
+    # the lowerings, and what their replacements call (the ops, the reference, the runner's inverse and key dtype)
+    from inductor_moe import lowerings, moe, ops, reference
+
+    hashed = []
+
+    def record(files):
+        hashed.extend(files)
+        return b"h"
+
+    monkeypatch.setattr(backend.custom_graph_pass, "get_hash_for_files", record)
+    backend.MoEPass().uuid()
+    for path in (*lowerings.SOURCES, backend.__file__, ops.__file__, reference.__file__, moe.__file__):
+        assert path in hashed, path
+
+
 def test_uuid_folds_settings_and_the_user_pass():
     plain = backend.MoEPass().uuid()
     assert plain and plain == backend.MoEPass().uuid()
