@@ -281,28 +281,29 @@ def test_scattered_rows_are_read_in_place(scatter):
     assert torch.equal(out, reference.moe_combine_ref(y, w, src_rows=inverse))
 
 
-def test_scatters_that_are_not_a_permutation_stay():
-    # accumulated, or by an index that need not be a permutation (an input): the scattered copy is materialised
+SCATTERS_KEPT = {
+    # accumulated: rows sharing an index would add up, so it is no reordering (here the index is a permutation)
+    "accumulated": lambda y, order: torch.zeros_like(y).index_put((torch.argsort(order),), y, accumulate=True),
+    # by an index that need not be a permutation (an input)
+    "by an input index": lambda y, order: torch.zeros_like(y).index_copy(0, order, y),
+}
+
+
+@pytest.mark.parametrize("case", list(SCATTERS_KEPT))
+def test_scatters_that_are_not_a_reordering_stay(case):
+    # the scattered copy is materialised and the op reads it
     torch.manual_seed(5)
-    y, w = randn(12, 16, dtype=torch.bfloat16), torch.rand(3, 4)
-    order = torch.randperm(12)
+    y, w, order = randn(12, 16, dtype=torch.bfloat16), torch.rand(3, 4), torch.randperm(12)
+    scattered = SCATTERS_KEPT[case]
 
-    def accumulated(y, w, order):
-        back = torch.zeros_like(y).index_put((torch.argsort(order),), y, accumulate=True)
-        return (back.view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
+    def fn(y, w, order):
+        return (scattered(y, order).view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
 
-    def by_input(y, w, order):
-        back = torch.zeros_like(y).index_copy(0, order, y)
-        return (back.view(3, 4, -1) * w[..., None]).sum(1).to(y.dtype)
-
-    for fn in (accumulated, by_input):
-        out, report = compile_rewrite(fn, y, w, order)
-        assert families(report) == ["combine"], report
-        graph = report.graphs[-1]
-        assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d\)", graph) and "aten.index_put(" in graph, graph
-        back = torch.zeros_like(y).index_put((torch.argsort(order),), y, accumulate=True) if fn is accumulated else None
-        back = torch.zeros_like(y).index_copy(0, order, y) if back is None else back
-        assert torch.equal(out, reference.moe_combine_ref(back, w))
+    out, report = compile_rewrite(fn, y, w, order)
+    assert families(report) == ["combine"], report
+    graph = report.graphs[-1]
+    assert re.search(r"inductor_moe\.moe_combine\(v\d+, in\d\)", graph) and "aten.index_put(" in graph, graph
+    assert torch.equal(out, reference.moe_combine_ref(scattered(y, order), w))
 
 
 def test_gathered_masked_rows_keep_nan_weights():
