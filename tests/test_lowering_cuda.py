@@ -102,6 +102,41 @@ def test_compiled_grouped_block_reads_through_the_sort(tokens):
     torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_compiled_torchtitan_style_grouping_reads_in_place(tokens):
+    # the grouping spelled the other common way: argsort of the routed ids themselves (narrowed to uint8 keys),
+    # the rows scattered back (out[order] = y) rather than gathered; the op reads y through the scattered inverse
+    from torch._inductor.utils import run_and_get_code
+
+    experts, hidden, inter, k = 16, 64, 48, 4
+    torch.manual_seed(1)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") / 8).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") / 7).bfloat16()
+
+    def block(x, logits):
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
+        order = torch.argsort(ids.view(-1), stable=True)
+        counts = torch.zeros(experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, ids.view(-1), torch.ones_like(ids.view(-1), dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        h = torch.nn.functional.grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.nn.functional.grouped_mm(torch.nn.functional.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+        back = torch.empty_like(y)
+        back[order] = y
+        return (back.view(tokens, k, -1) * weights[..., None]).sum(1).to(x.dtype)
+
+    torch._dynamo.reset()
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    logits = torch.randn(tokens, experts, device="cuda")
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(block, backend="inductor_moe"), x, logits)
+        eager = block(x, logits)
+    code = "\n".join(code)
+    assert "inductor_moe.moe_combine.default(" in code and "inductor_moe.act_and_mul.default(" in code, code
+    torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
+
+
 needs_pdl = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="PDL needs sm90+"
 )
