@@ -113,6 +113,25 @@ def generator(*key) -> torch.Generator:
     return gen
 
 
+def weights(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape's expert weights (w13 [E, 2I, H], w2 [E, H, I], bf16), from its own generator."""
+    hidden, inter, experts, _ = SHAPES[shape]
+    gen = generator(shape)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) / hidden**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=gen) / inter**0.5).to(torch.bfloat16)
+    return w13, w2
+
+
+def inputs(shape: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """(hidden states, router logits, the generator they came from) of T=tokens: the same tokens and routing
+    with and without the local range."""
+    hidden, _, experts, _ = SHAPES[shape]
+    gen = generator(shape, tokens)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+    logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+    return x, logits, gen
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3,mixtral")
@@ -128,10 +147,8 @@ def main():
     torch._dynamo.config.recompile_limit = 64
     points, shares = [], []
     for shape in args.shapes.split(","):
-        hidden, inter, experts, top_k = SHAPES[shape]
-        gen = generator(shape)
-        w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) / hidden**0.5).to(torch.bfloat16)
-        w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=gen) / inter**0.5).to(torch.bfloat16)
+        _, inter, experts, top_k = SHAPES[shape]
+        w13, w2 = weights(shape)
         loop = LoopMoE(w13, w2, top_k)
         for ep in (False, True):
             lo, hi = (0, experts // 8) if ep else (0, experts)
@@ -142,9 +159,7 @@ def main():
                 for name, backend, pdl in VARIANTS
             }
             for tokens in map(int, args.tokens.split(",")):
-                gen = generator(shape, tokens)  # the same tokens and routing with and without the local range
-                x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-                logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+                x, logits, gen = inputs(shape, tokens)
                 t = {}
                 with torch.no_grad():
                     t["eager loop"] = timing.events_us(lambda: loop(x, logits), calls=3) if not ep else None

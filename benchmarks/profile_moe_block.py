@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from bench_moe_block import SHAPES, VARIANTS, generator, us  # noqa: E402
+from bench_moe_block import SHAPES, VARIANTS, inputs, us, weights  # noqa: E402
 from moe_blocks import GroupedMoE  # noqa: E402
 
 import timing  # noqa: E402
@@ -77,10 +77,8 @@ def main():
     timing.header()
     names = args.variants.split(",")
     settings = {v[0]: v[1:] for v in VARIANTS}
-    hidden, inter, experts, top_k = SHAPES[args.shape]
-    gen = generator(args.shape)  # the benchmark's weights and inputs
-    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=gen) / hidden**0.5).to(torch.bfloat16)
-    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=gen) / inter**0.5).to(torch.bfloat16)
+    _, _, experts, top_k = SHAPES[args.shape]
+    w13, w2 = weights(args.shape)  # the benchmark's weights and inputs
     lo, hi = (0, experts) if args.local == "all" else (0, experts // 8)
     block = GroupedMoE(w13[lo:hi], w2[lo:hi], top_k, (lo, hi))
     compiled = {
@@ -91,9 +89,7 @@ def main():
     }
     with torch.no_grad():
         for tokens in dict.fromkeys((1, args.tokens)):
-            g = generator(args.shape, tokens)
-            x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-            logits = torch.randn(tokens, experts, device="cuda", generator=g)
+            x, logits, _ = inputs(args.shape, tokens)
             calls = {name: (lambda fn=fn, x=x, logits=logits: fn(x, logits)) for name, fn in compiled.items()}
             t = timing.interleaved_us(calls, us)
             print(f"T={tokens}: " + ", ".join(f"{name} {t[name]:.2f} µs" for name in names))
