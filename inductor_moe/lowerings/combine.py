@@ -192,7 +192,8 @@ class _Combine:
     rows: torch.fx.Node
     weights: torch.fx.Node
     src_rows: torch.fx.Node | None = None
-    inverse_of: torch.fx.Node | None = None  # src_rows is argsort(inverse_of), a permutation: inverted, not sorted
+    # the permutation whose inverse src_rows are, scattered by the replacement (src_rows itself unused or None)
+    inverse_of: torch.fx.Node | None = None
     filter: expert_mask.ExpertFilter | None = None
     zero_dead_rows: bool = False
     renormalize: bool = False
@@ -256,10 +257,10 @@ def _token_order(
     scatter's), else None; ``inv`` is None for the scatter (no node computes it)."""
     if eo_node.target is aten.index.Tensor:
         y, indices = eo_node.args
-        if len(indices) != 1 or matching.sort_indices(indices[0]) is None:
+        found = matching.sort_indices(indices[0]) if len(indices) == 1 else None
+        if found is None:
             return None
-        inv = indices[0]
-        x, descending = matching.sort_indices(inv)
+        inv, (x, descending) = indices[0], found
         perm = x if not descending and matching.sort_indices(x) is not None else None
         length = matching.val(inv).shape[0]
     elif eo_node.target is aten.index_put.default:
