@@ -295,7 +295,7 @@ def test_filter_local_expert_range(device):
 @pytest.mark.parametrize(
     "rows,d",
     [
-        (37, 768),  # a warp a row, accesses of 4 elements, first pack read ahead of the id (inputs under 1 MiB)
+        (37, 768),  # a warp a row, accesses of 4 elements, first pack read ahead of the id (inputs up to 2 MiB)
         (1000, 768),  # a warp a row, 4 elements, no read-ahead
         (4097, 768),  # a warp a row, 8-element accesses, a partial last block of rows
         (37, 2048),

@@ -189,13 +189,14 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.expert_hi = expert_hi;
   p.d = static_cast<int>(d);
   p.zero_dead = zero_dead ? 1 : 0;
-  // Filtered inputs of at most 1 MiB read their first pack ahead of the expert id: moving all of it takes
-  // ~0.35 us at H100's ~3 TB/s, under one memory latency, so reading dead rows there costs less than waiting
-  // for the id before each load; larger inputs read only live rows, whose bandwidth is the filter's point.
-  // H100 bf16, CUDA graph, ids through a sort's indices with 7/8 of the experts remote (a grouped MoE block's
-  // decode step): Qwen3-like 8x768 1.48 -> 1.32 us, 128x768 1.58 -> 1.42; Mixtral-like 2x14336 1.02 -> 1.05
-  // (there both rows are usually dead, which leaves nothing to overlap).
-  p.read_ahead = filter != 0 && rows * two_d * static_cast<int64_t>(input.element_size()) <= (int64_t{1} << 20);
+  // Filtered inputs of at most 2 MiB read their first pack ahead of the expert id, so the id and the data
+  // arrive together instead of one after the other; larger inputs read only live rows, whose bandwidth is the
+  // filter's point. H200 bf16, CUDA graph, input just written, ids through a sort's indices, µs without / with
+  // reading ahead (2026-12-04): all rows live, it wins at every size (32x14336 2.08 -> 1.95, 512x768 1.98 ->
+  // 1.86, 8192x768 8.54 -> 8.26); 1/8 live (expert parallelism), it wins up to 1.75 MiB (32x14336 1.86 -> 1.82,
+  // 512x768 1.89 -> 1.76), breaks even at 3.5 MiB (64x14336 2.11 -> 2.14) and loses above (2048x768 2.27 ->
+  // 2.46); every row dead, it costs 0.1-0.3 us up to 2 MiB (32x14336 1.47 -> 1.73).
+  p.read_ahead = filter != 0 && rows * two_d * static_cast<int64_t>(input.element_size()) <= (int64_t{2} << 20);
   void* args[] = {&p};
   // The next kernel is the down projection's GEMM, launched plain: captured after a plain kernel (the up
   // projection's GEMM), this launch is plain too and saves PDL's 0.2 us there (launcher.h).
