@@ -10,6 +10,9 @@ pairs, each the local expert of its routed id or E for other ranks' experts.
   expert_sort lowering narrows the key, lowerings/expert_sort.py).
 - The inverse: ``argsort(perm)`` of a permutation against ``moe.inverse_permutation(perm)``, eager, and the latter
   compiled (what the combine's lowering puts in a compiled block).
+- The whole grouping from routed ids (order, offs, src_rows: what the runner needs), as the chain of ATen ops the
+  op takes past one program (eager and compiled with inductor), as the one-program Triton kernel (up to 8192
+  pairs, past the op's limit to show where it stops paying), and as the ``expert_sort`` op.
 """
 
 from __future__ import annotations
@@ -21,12 +24,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import inductor_moe as im  # noqa: E402
-from inductor_moe import moe  # noqa: E402
+from inductor_moe import moe, ops  # noqa: E402
+from inductor_moe.kernels.triton import expert_sort as kernel  # noqa: E402
 
 import timing  # noqa: E402
 
 # (T, K, experts of the model, local experts): Mixtral-like and Qwen3-like routing, 1/8 of the experts local
-POINTS = [(1, 2, 8, 1), (16, 8, 128, 16), (256, 8, 128, 16), (4096, 8, 128, 16), (4096, 8, 128, 128)]
+POINTS = [
+    (1, 2, 8, 1),
+    (16, 8, 128, 16),
+    (256, 8, 128, 16),
+    (512, 8, 128, 16),
+    (1024, 8, 128, 16),
+    (4096, 8, 128, 16),
+    (4096, 8, 128, 128),
+]
+_KERNEL_PAIRS = 8192  # the one-program kernel timed up to here
 
 
 def expert_key(ids: torch.Tensor, num_local: int) -> torch.Tensor:
@@ -43,7 +56,7 @@ def graph_us(fn) -> float:
 
 def main():
     timing.header()
-    sort_rows, inverse_rows = [], []
+    sort_rows, inverse_rows, grouping_rows = [], [], []
     for tokens, k, experts, num_local in POINTS:
         gen = torch.Generator(device="cuda").manual_seed(tokens * 1000 + num_local)
         ids = torch.randint(0, experts, (tokens, k), device="cuda", generator=gen)
@@ -80,6 +93,31 @@ def main():
         }
         t = timing.interleaved_us(inv, graph_us)
         inverse_rows.append([tokens * k] + [f"{t[name]:.2f}" for name in inv])
+
+        want = ops.expert_sort_aten(ids, 0, num_local)
+        compiled_chain = torch.compile(ops.expert_sort_aten, dynamic=False)
+        grouping = {
+            "ATen chain": lambda: ops.expert_sort_aten(ids, 0, num_local),
+            "ATen chain, inductor": lambda: compiled_chain(ids, 0, num_local),
+            "expert_sort": lambda: im.expert_sort(ids, (0, num_local)),
+        }
+        if tokens * k <= _KERNEL_PAIRS:
+            outs = [torch.empty_like(want[0]), torch.empty_like(want[1]), torch.empty_like(want[2])]
+            grouping["one program"] = lambda: kernel.expert_sort(
+                ids, ops.pack_strides(ids), 0, num_local, outs[0], outs[1], outs[2]
+            )
+            grouping["one program"]()
+            assert all(torch.equal(a, b) for a, b in zip(outs, want))
+        for fn in (grouping["ATen chain, inductor"], grouping["expert_sort"]):
+            assert all(torch.equal(a, b) for a, b in zip(fn(), want))
+        t = timing.interleaved_us(grouping, graph_us)
+        grouping_rows.append(
+            point
+            + [
+                f"{t[name]:.2f}" if name in t else "-"
+                for name in ("ATen chain", "ATen chain, inductor", "one program", "expert_sort")
+            ]
+        )
     timing.table(
         "Stable argsort of the expert keys, µs per call in a CUDA graph (eager by key dtype; compiled from int64)",
         ["pairs", "local experts", "eager int64", "int32", "int16", "uint8", "inductor", "inductor_moe"],
@@ -89,6 +127,12 @@ def main():
         "The inverse of the sort's permutation, µs per call in a CUDA graph",
         ["pairs", "argsort(perm)", "moe.inverse_permutation", "compiled"],
         inverse_rows,
+    )
+    timing.table(
+        f"The grouping from routed ids (order, offs, src_rows), µs per call in a CUDA graph; the op runs one program "
+        f"up to {kernel.MAX_PAIRS} pairs",
+        ["pairs", "local experts", "ATen chain", "ATen chain, inductor", "one program", "expert_sort"],
+        grouping_rows,
     )
 
 

@@ -2,7 +2,8 @@
 
 Eager API (drop-in for SGLang-style call sites): :func:`silu_and_mul`, :func:`gelu_and_mul`,
 :func:`gelu_tanh_and_mul` and :func:`act_and_mul`, all with the optional expert filter. The same computations
-are the custom ops ``torch.ops.inductor_moe.*``, with :func:`pack_topk_ids_weights` and :func:`moe_combine`.
+are the custom ops ``torch.ops.inductor_moe.*``, with :func:`pack_topk_ids_weights`, :func:`moe_combine` and
+:func:`expert_sort` (the routed pairs grouped by expert).
 
 Compiler: ``torch.compile(model, backend="inductor_moe")`` rewrites those computations, however a model spells
 them, into the ops (:mod:`inductor_moe.backend`); :func:`enable` / :func:`disable` do it for the stock
@@ -13,6 +14,7 @@ first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s).
 from . import moe  # the MoE runner: inductor_moe.moe.moe / route / experts
 from .ops import (
     act_and_mul,
+    expert_sort,
     gelu_and_mul,
     gelu_tanh_and_mul,
     load_cuda_kernels,
@@ -40,6 +42,7 @@ __all__ = [
     "act_and_mul",
     "disable",
     "enable",
+    "expert_sort",
     "explain",
     "gelu_and_mul",
     "gelu_tanh_and_mul",

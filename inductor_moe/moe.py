@@ -1,9 +1,10 @@
 """The MoE experts runner: one kernel sequence from router logits to the combined output.
 
 :func:`moe` = :func:`route` (softmax, top-k, optional renormalisation) + :func:`experts` (grouping rows by
-expert, the two grouped GEMMs, the filtered gated activation, the weighted combine). It is the only copy of
-that sequence: the eager entry point is it, and a compiled model that calls it gets the same ops (they are
-custom ops with fake functions, and nothing here syncs with the host, so it traces whole).
+expert with the ``expert_sort`` op, the two grouped GEMMs, the filtered gated activation, the weighted
+combine). It is the only copy of that sequence: the eager entry point is it, and a compiled model that calls
+it gets the same ops (they are custom ops with fake functions, and nothing here syncs with the host, so it
+traces whole).
 
 Expert weights use nn.Linear's layout, as model libraries store them: ``w13`` [E, 2I, H] (gate rows, then up
 rows) and ``w2`` [E, H, I]. With ``expert_range=(lo, hi)`` this rank holds experts lo..hi-1 (expert
@@ -39,7 +40,8 @@ def narrow_key_dtype(lo: int, hi: int, dtype: torch.dtype) -> torch.dtype | None
 
 
 def narrow_keys(key: torch.Tensor, top: int) -> torch.Tensor:
-    """``key`` (values in [0, top]) in :func:`narrow_key_dtype`'s dtype for them, or as it is."""
+    """``key`` (values in [0, top]) in :func:`narrow_key_dtype`'s dtype for them, or as it is. The expert_sort
+    op's ATen chain sorts its key so (ops.expert_sort_aten)."""
     dtype = narrow_key_dtype(0, top, key.dtype)
     return key if dtype is None else key.to(dtype)
 
@@ -77,26 +79,23 @@ def experts(
     tokens, k = topk_ids.shape
     num_local = w13.shape[0]
     lo = 0 if expert_range is None else expert_range[0]
-    local = topk_ids - lo  # [T, K] ids of this rank's experts; the others fall outside [0, E_local)
-    key = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)  # [T*K], dead pairs = E
-    order = torch.argsort(narrow_keys(key, num_local), stable=True)  # [T*K]: sorted row -> pair (t * K + k)
-    ones = torch.ones_like(key, dtype=torch.int32)
-    counts = torch.zeros(num_local + 1, dtype=torch.int32, device=key.device).scatter_add_(0, key, ones)
-    offs = counts[:num_local].cumsum(0, dtype=torch.int32)  # [E]: end row of each local expert's group
+    local = (lo, lo + num_local)  # this rank's ids; every other id is a dead pair
+    # order [T*K]: sorted row -> pair (t * K + k), live pairs grouped by expert, dead ones last; offs [E]: end
+    # row of each local expert's group; src_rows [T*K]: pair -> sorted row. One launch at decode sizes.
+    order, offs, src_rows = ops.expert_sort(topk_ids, local)
     x = hidden[order // k]  # [T*K, H] rows grouped by expert
     h = _grouped_mm(x, w13.transpose(1, 2), offs)  # [T*K, 2I]
     # untouched mode: the dead rows (after offs[-1]) are neither read nor written; the second GEMM skips them
     # too (writing their zeros cost 20 of 26 us at T=4096, 7/8 dead, Qwen3 sizes on H100)
     a = h.new_empty(h.shape[0], h.shape[1] // 2)  # [T*K, I]
-    # sorted row r's expert is key[order[r]] (E for the dead rows after offs[-1]), read through the index
-    ops.act_and_mul(activation, h, out=a, expert_ids=key, expert_range=(0, num_local), expert_ids_index=order)
+    # sorted row r's expert is topk_ids' entry order[r], read through the index
+    ops.act_and_mul(activation, h, out=a, expert_ids=topk_ids.reshape(-1), expert_range=local, expert_ids_index=order)
     y = _grouped_mm(a, w2.transpose(1, 2), offs)  # [T*K, H]
-    src_rows = inverse_permutation(order)  # [T*K]: pair -> sorted row
     return ops.moe_combine(  # [T, H]: dead pairs (and their unwritten rows) are never read
         y,
         topk_weights,
-        topk_ids=key.view(tokens, k),
-        expert_range=(0, num_local),
+        topk_ids=topk_ids,
+        expert_range=local,
         src_rows=src_rows.view(tokens, k),
         renormalize=renormalize,
     )

@@ -140,6 +140,21 @@ def moe_combine_ref(
     return terms.sum(dim=1).to(expert_out.dtype)
 
 
+def expert_sort_ref(
+    topk_ids: torch.Tensor, expert_lo: int, expert_hi: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routed pairs grouped by local expert: (order, offs, src_rows). Pair p = topk_ids.reshape(-1)[p] is in
+    group id - expert_lo when expert_lo <= id < expert_hi, else in the dead group expert_hi - expert_lo.
+    order: the stable argsort of the groups (int64); offs: each local group's end row, the cumulative counts
+    (int32 [expert_hi - expert_lo]); src_rows: the inverse permutation of order (int64)."""
+    groups = expert_hi - expert_lo
+    ids = topk_ids.reshape(-1).long()
+    key = torch.where((ids >= expert_lo) & (ids < expert_hi), ids - expert_lo, groups)
+    order = torch.argsort(key, stable=True)
+    offs = torch.bincount(key, minlength=groups + 1)[:groups].cumsum(0).to(torch.int32)
+    return order, offs, torch.argsort(order)
+
+
 def moe_ref(
     hidden: torch.Tensor,
     router_logits: torch.Tensor,

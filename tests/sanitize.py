@@ -7,7 +7,8 @@ tensor is an error memcheck reports. Small shapes cover each kernel variant path
 element-wise accesses, a partial last column chunk, both filter modes, per-block ids, ids reached through an
 index and a PDL chain; the packing kernel; the combine kernel with gathered rows, the filter (dead pairs
 skipped or weighing zero rows), renormalised weights and k above one shared-memory stage (64), and
-token-major rows in blocks of 160 and 192 threads whose last column chunk is partial.
+token-major rows in blocks of 160 and 192 threads whose last column chunk is partial; the grouping kernel up to
+its largest program.
 """
 
 import torch
@@ -54,6 +55,11 @@ def main():
         eo = torch.randn(t * k, h, device="cuda", dtype=torch.bfloat16)
         w = torch.rand(t, k, device="cuda")
         torch.testing.assert_close(im.moe_combine(eo, w), reference.moe_combine_ref(eo, w), rtol=1e-2, atol=1e-2)
+    for shape, (lo, hi) in (((1, 2), (0, 8)), ((37, 8), (16, 32)), ((128, 8), (0, 128)), ((7, 3), (4, 4))):
+        ids = torch.randint(-1, 40, shape, device="cuda")  # expert_sort: one program, its largest, no groups
+        for t in (ids, ids.t().contiguous().t()):
+            got = im.expert_sort(t, (lo, hi))
+            assert all(torch.equal(a, b) for a, b in zip(got, reference.expert_sort_ref(t, lo, hi)))
     torch.cuda.synchronize()
     print("sanitize: done")
 

@@ -23,12 +23,12 @@ never negative: an arbitrary index could wrap around, which src_rows does not), 
 expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's row is masked exactly when
 ``s[perm[inv[j]]] = s[j]`` is, so ``s`` becomes the op's per-pair filter with ``zero_dead_rows``: a masked
 pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row. And when
-``perm`` is itself a sort's indices, ``inv = argsort(perm)`` is its inverse: src_rows are then scattered as the
-runner scatters them (``moe.inverse_permutation``, the same values) instead of sorted, unless the program uses
-that sort for something else. Rows scattered back instead, ``out[perm] = y`` or ``base.index_copy(0, perm, y)``
-(``index_put``, not accumulated, of y into a base of y's shape and dtype, perm a sort's indices of y's length,
-so every row of base is overwritten), are ``y[inv]`` with inv perm's inverse: read the same way, the copy is
-never made.
+``perm`` is itself a sort's indices, ``inv = argsort(perm)`` is its inverse: src_rows are then scattered
+(``moe.inverse_permutation``, the same values, as the expert_sort op's ATen chain computes them) instead of
+sorted, unless the program uses that sort for something else. Rows scattered back instead, ``out[perm] = y``
+or ``base.index_copy(0, perm, y)`` (``index_put``, not accumulated, of y into a base of y's shape and dtype,
+perm a sort's indices of y's length, so every row of base is overwritten), are ``y[inv]`` with inv perm's
+inverse: read the same way, the copy is never made.
 
 Renormalised weights: ``w / w.sum(-1, keepdim=True)`` computed only for the combine (in one dtype) becomes the
 op's ``renormalize``, which saves the launch that materialised them. The op sums the k weights in pair order,
