@@ -148,13 +148,14 @@ def test_compile_no_recompile_across_batch(device):
     )
 
 
-def launch_poisoned(module, ids, lo, hi):
-    """The kernel's launcher over outputs filled with a value no output holds (unwritten elements show)."""
+def launch_poisoned(ids, lo, hi):
+    """The kernel's launcher (interpreted in run_interpreter_cases' child process) over outputs filled with a value
+    no output holds, so unwritten elements show."""
     n, groups = ids.numel(), hi - lo
     order = torch.full((n,), -7, dtype=torch.int64, device=ids.device)
     src_rows = torch.full((n,), -7, dtype=torch.int64, device=ids.device)
     offs = torch.full((groups,), -7, dtype=torch.int32, device=ids.device)
-    module.expert_sort(ids, ops.pack_strides(ids), lo, groups, order, offs, src_rows)
+    kernel.expert_sort(ids, ops.pack_strides(ids), lo, groups, order, offs, src_rows)
     return order, offs, src_rows
 
 
@@ -176,7 +177,7 @@ def run_interpreter_cases() -> dict[str, str]:
         ids = routed_ids(shape, lo, hi, getattr(torch, dtype), "cpu", seed=math.prod(shape))
         try:
             for layout in (ids, ids.t().contiguous().t()):
-                assert_same_groups(launch_poisoned(kernel, layout, lo, hi), layout, lo, hi)
+                assert_same_groups(launch_poisoned(layout, lo, hi), layout, lo, hi)
             results[repr((dtype, lo, hi, shape))] = "ok"
         except AssertionError as e:
             results[repr((dtype, lo, hi, shape))] = str(e)
@@ -208,7 +209,7 @@ def test_triton_kernel_in_interpreter():
 @pytest.mark.parametrize("shape", [(1, 2), (37, 8), (128, 8), (512, 8), (1, 4096)])  # the last two: past MAX_PAIRS
 def test_cuda_kernel_writes_every_output(dtype, shape):
     ids = routed_ids(shape, 16, 32, dtype, "cuda", seed=math.prod(shape))
-    assert_same_groups(launch_poisoned(kernel, ids, 16, 32), ids, 16, 32)
+    assert_same_groups(launch_poisoned(ids, 16, 32), ids, 16, 32)
 
 
 @pytest.mark.cuda
