@@ -11,9 +11,9 @@ bench_moe_block's ratios at the points the expert GEMMs dominate.
    code allocates, the GEMM's A among them, lands elsewhere; a table of both times and their ratio by pad.
 
 Nothing of ours runs in part 1, and in part 2 the pad is the only difference between rows. H200, 2026-12-04
-(BENCHMARKS.md, twenty-first session): the Mixtral-like up projection at T=16 took 671-795 µs as A moved, jumping
-at each 4 KB boundary of A's address and drifting between them; the block's ratio moved between 0.975 and 1.011
-with the pad.
+(BENCHMARKS.md, twenty-first session), this script's defaults: the Mixtral-like up projection at T=16 took
+647.1-778.7 µs as A moved, and the block's ratio moved between 0.90 and 1.01 with the pad (mean 0.978). Scratch
+probes at 64 B steps saw the time jump only where A's start crosses a 4 KB boundary and drift between them.
 """
 
 from __future__ import annotations
