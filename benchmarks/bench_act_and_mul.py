@@ -236,7 +236,7 @@ def main():
     parser.add_argument("--skip", nargs="*", default=[], choices=["unfiltered", "filtered", "host", "jit"])
     parser.add_argument("--shapes", nargs="*", help="unfiltered shapes as TxD, e.g. 8192x14336")
     parser.add_argument("--acts", nargs="*", choices=list(ACT_FNS), help="activations of the unfiltered table")
-    args = parser.parse_args()
+    args = timing.cli(parser)
     torch.manual_seed(0)
     dtype = torch.bfloat16
     timing.header()

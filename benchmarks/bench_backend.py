@@ -2,7 +2,7 @@
 
     python benchmarks/bench_backend.py
 
-The function (examples/moe_blocks.py's moe_tail at model sizes): the gated activation of the up
+The function (inductor_moe/testing.py's moe_tail at model sizes): the gated activation of the up
 projection's output with an expert-parallel mask (where(ids == -1, 0, silu(gate) * up)), the packing of top-k
 ids and weights, and the weighted combine of the expert outputs (view * w, sum over k, cast back). Qwen3-30B-A3B
 sizes: top-8, expert intermediate 768, hidden 2048. µs per call inside a CUDA graph (benchmarks/timing.py),
@@ -19,17 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import inductor_moe  # noqa: E402, F401  (the ops; the backend itself is found by name)
+from inductor_moe.testing import moe_tail  # noqa: E402
 
 import timing  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from moe_blocks import moe_tail  # noqa: E402
 
 K, I, H = 8, 768, 2048
 
 
 def main():
     torch.manual_seed(0)
+    timing.cli()
     timing.header()
     rows = []
     for t in (1, 16, 256, 4096):

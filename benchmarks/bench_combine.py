@@ -39,6 +39,7 @@ def eager_bmm(expert_out, w):
 
 def main():
     torch.manual_seed(0)
+    timing.cli()
     timing.header()
     copy_gbs = timing.report_copy_bandwidth()
     rows = []

@@ -3,12 +3,12 @@
     python benchmarks/bench_expert_sort.py
 
 µs per call inside a CUDA graph (benchmarks/timing.py), the columns of a row timed in rotated order (median of
-three rounds, timing.interleaved_us). Keys as a grouped-GEMM block makes them (examples/moe_blocks.py): n = T*K
+three rounds, timing.interleaved_us). Keys as a grouped-GEMM block makes them (inductor_moe/testing.py): n = T*K
 pairs, each the local expert of its routed id or E for other ranks' experts.
 - The sort: eager ``argsort(key, stable=True)`` with the key in each integer dtype (the indices are the same),
   and ``argsort(where(in range, local, E), stable=True)`` compiled with inductor and with inductor_moe (whose
   expert_sort lowering narrows the key, lowerings/expert_sort.py).
-- The inverse: ``argsort(perm)`` of a permutation against ``moe.inverse_permutation(perm)``, eager, and the latter
+- The inverse: ``argsort(perm)`` of a permutation against ``indexing.inverse_permutation(perm)``, eager, and the latter
   compiled (what the combine's lowering puts in a compiled block).
 - The whole grouping from routed ids (order, offs, src_rows: what the runner needs), as the chain of ATen ops the
   op takes past one program (eager and compiled with inductor), as the one-program Triton kernel (up to 8192
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import inductor_moe as im  # noqa: E402
-from inductor_moe import moe, ops  # noqa: E402
+from inductor_moe import indexing, ops  # noqa: E402
 from inductor_moe.kernels.triton import expert_sort as kernel  # noqa: E402
 
 import timing  # noqa: E402
@@ -55,6 +55,7 @@ def graph_us(fn) -> float:
 
 
 def main():
+    timing.cli()
     timing.header()
     sort_rows, inverse_rows, grouping_rows = [], [], []
     for tokens, k, experts, num_local in POINTS:
@@ -83,12 +84,12 @@ def main():
         point = [tokens * k, f"{num_local} of {experts}"]
         sort_rows.append(point + [f"{t[name]:.2f}" for name in calls])
 
-        compiled_inverse = torch.compile(moe.inverse_permutation, dynamic=False)
-        assert torch.equal(moe.inverse_permutation(order), torch.argsort(order))
+        compiled_inverse = torch.compile(indexing.inverse_permutation, dynamic=False)
+        assert torch.equal(indexing.inverse_permutation(order), torch.argsort(order))
         assert torch.equal(compiled_inverse(order), torch.argsort(order))
         inv = {
             "argsort": lambda: torch.argsort(order),
-            "inverse_permutation": lambda: moe.inverse_permutation(order),
+            "inverse_permutation": lambda: indexing.inverse_permutation(order),
             "inverse_permutation, compiled": lambda: compiled_inverse(order),
         }
         t = timing.interleaved_us(inv, graph_us)
@@ -104,7 +105,7 @@ def main():
         if tokens * k <= _KERNEL_PAIRS:
             outs = [torch.empty_like(want[0]), torch.empty_like(want[1]), torch.empty_like(want[2])]
             grouping["one program"] = lambda: kernel.expert_sort(
-                ids, ops.pack_strides(ids), 0, num_local, outs[0], outs[1], outs[2]
+                ids, indexing.row_strides(ids), 0, num_local, outs[0], outs[1], outs[2]
             )
             grouping["one program"]()
             assert all(torch.equal(a, b) for a, b in zip(outs, want))
@@ -125,7 +126,7 @@ def main():
     )
     timing.table(
         "The inverse of the sort's permutation, µs per call in a CUDA graph",
-        ["pairs", "argsort(perm)", "moe.inverse_permutation", "compiled"],
+        ["pairs", "argsort(perm)", "indexing.inverse_permutation", "compiled"],
         inverse_rows,
     )
     timing.table(

@@ -10,10 +10,9 @@ bench_moe_block's ratios at the points the expert GEMMs dominate.
    while it runs (one in the allocator's small pool, one in its large pool), so that every buffer the compiled
    code allocates, the GEMM's A among them, lands elsewhere; a table of both times and their ratio by pad.
 
-Nothing of ours runs in part 1, and in part 2 the pad is the only difference between rows. H200, 2026-12-04
-(BENCHMARKS.md, twenty-first session), this script's defaults: the Mixtral-like up projection at T=16 took
-647.1-778.7 µs as A moved, and the block's ratio moved between 0.90 and 1.01 with the pad (mean 0.978). Scratch
-probes at 64 B steps saw the time jump only where A's start crosses a 4 KB boundary and drift between them.
+Nothing of ours runs in part 1, and in part 2 the pad is the only difference between rows. On an H200 with this
+script's defaults the Mixtral-like up projection at T=16 took 647-779 µs as A moved, jumping where A's start
+crosses a 4 KB boundary, and the block's ratio moved between 0.90 and 1.01 with the pad.
 """
 
 from __future__ import annotations
@@ -27,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from bench_moe_block import SHAPES, inputs, us, weights  # noqa: E402
-from moe_blocks import GroupedMoE  # noqa: E402
+
+from inductor_moe.testing import GroupedMoE  # noqa: E402
 
 import timing  # noqa: E402
 
@@ -117,7 +116,7 @@ def main():
     parser.add_argument("--local", default="all", choices=["all", "1/8"])
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--pads", type=int, default=8)
-    args = parser.parse_args()
+    args = timing.cli(parser)
     timing.header()
     experts = SHAPES[args.shape][2]
     lo, hi = (0, experts) if args.local == "all" else (0, experts // 8)

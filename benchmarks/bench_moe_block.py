@@ -2,7 +2,7 @@
 
     python benchmarks/bench_moe_block.py [--shapes qwen3,mixtral] [--tokens 1,16,256,4096]
 
-Blocks from examples/moe_blocks.py: the eager expert loop (LoopMoE, HF style) and the grouped-GEMM block
+Blocks from inductor_moe/testing.py: the eager expert loop (LoopMoE, HF style) and the grouped-GEMM block
 (GroupedMoE: sorted rows, two grouped GEMMs, expert-parallel sentinel mask, view * weights combine), which is
 what gets compiled, with inductor and inductor_moe as they come (inductor_moe turns on Inductor's own PDL, stock
 inductor does not) and each with that setting flipped, which separates the rewrites from PDL. "runner" is
@@ -20,8 +20,7 @@ PDL off (so no kernel's time includes a wait on the one before): Inductor's kern
 inductor_moe, less the Inductor kernels that appear only there (the same fusions renamed after the ops they
 now sit next to), over the block's time. The masked activation and the combine compiled alone are no measure
 of it: Inductor fuses them differently there, and alone they took from half to 13x their time inside the block
-(H200, 2026-12-03, T=4096, 1/8 local: Mixtral-like 558 + 541 us alone against 321 + 41 inside, Qwen3-like
-122 + 323 against 40 + 634).
+(H200, T=4096, 1/8 local, Mixtral-like: 558 + 541 us alone against 321 + 41 inside).
 """
 
 from __future__ import annotations
@@ -38,10 +37,8 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
-from moe_blocks import GroupedMoE, LoopMoE  # noqa: E402
-
 import inductor_moe as im  # noqa: E402
+from inductor_moe.testing import GroupedMoE, LoopMoE  # noqa: E402
 
 import timing  # noqa: E402
 
@@ -91,9 +88,8 @@ def replaced_us(inductor_fn, ours_fn) -> tuple[float, float]:
 
     ``ours_fn`` should be compiled with Inductor's PDL off; our kernels' PDL is turned off here. Outside a CUDA
     graph our launcher gives every kernel PDL, and a PDL kernel may start before its predecessor ends, so its
-    profiled time could include its wait. (Measured, H200 2026-12-03: our kernels' times came out the same
-    either way, to 0.2 µs, at every point of the block table, in two processes; off, the column means what it
-    says.)"""
+    profiled time could include its wait (on an H200 our kernels' times came out the same either way, to 0.2 µs;
+    off, the column means what it says)."""
     before = kernel_us(inductor_fn)
     with mock.patch.dict(os.environ, {"INDUCTOR_MOE_PDL": "0"}):  # the launcher reads it at every launch
         after = kernel_us(ours_fn)
@@ -104,10 +100,8 @@ def replaced_us(inductor_fn, ours_fn) -> tuple[float, float]:
 
 def generator(*key) -> torch.Generator:
     """A CUDA generator seeded from ``key`` alone. Each shape's weights and each (shape, T)'s inputs get their own,
-    so a row does not depend on which other rows the run covers. (With one seeded stream it did: the 1/8-local
-    Qwen3-like block at T=1 took 29.8-31.8 µs in runs of every T and 45.8-48.8 in runs of T=1,16, H200
-    2026-12-03, most likely because its logits, and so its routing, were drawn after a different number of
-    tensors.)"""
+    so a row does not depend on which other rows the run covers (with one seeded stream the routing, and so the
+    1/8-local Qwen3-like T=1 time, changed with the set of points run: 30 against 47 µs on an H200)."""
     gen = torch.Generator(device="cuda")
     gen.manual_seed(zlib.crc32(repr(key).encode()))
     return gen
@@ -136,12 +130,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3,mixtral")
     parser.add_argument("--tokens", default="1,16,256,4096")
-    args = parser.parse_args()
+    args = timing.cli(parser)
     timing.header()
     # Every timing first, every profile after: once torch.profiler has run in a process, graphs replay slower
-    # there (H200, 2026-12-04: the Mixtral-like 1/8 block at T=1, 14 kernels, 26.4 -> 33.2 us under inductor and
-    # 27.3 -> 34.3 under inductor_moe -PDL; the Qwen3-like one at T=16, 24 kernels, 109.9 -> 120.9), which skewed
-    # every point timed after the first profile. Hence also no torch._dynamo.reset() between blocks: the
+    # there (H200, the Mixtral-like 1/8 block at T=1: 26.4 us before a profile, 33.2 after). Hence also no
+    # torch._dynamo.reset() between blocks: the
     # profiles reuse the compiled graphs they time (kernels tuned at their first call, at T=1), and each of the
     # four blocks compiles each variant twice (T=1 is specialised), past Dynamo's default limit of 8 a function.
     torch._dynamo.config.recompile_limit = 64

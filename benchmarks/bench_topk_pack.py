@@ -34,6 +34,7 @@ def with_pdl(pdl: bool, fn):
 
 def main():
     torch.manual_seed(0)
+    timing.cli()
     timing.header()
     rows = []
     for t in (1, 64, 1024, 8192):

@@ -2,12 +2,12 @@
 
     python benchmarks/profile_moe_block.py --shape mixtral --local all --tokens 16 [--variants A,B] [--swap]
 
-Compiles examples/moe_blocks.py's grouped block with two of bench_moe_block.py's variants (default: stock
+Compiles inductor_moe/testing.py's grouped block with two of bench_moe_block.py's variants (default: stock
 inductor and inductor_moe −PDL, the rewrites alone), times them with that benchmark's timer (T=1 first, as
 there: Inductor tunes each kernel at its first call), then profiles a CUDA graph of 32 calls of each
 (``--swap``: the second first) and prints, position by position in the call, each kernel's name and median
 duration and the median gap before it, with the span of a call. The timings come before the profiles: a profile
-slows the graphs a process replays after it (BENCHMARKS.md, twentieth session), which the last line shows.
+slows the graphs a process replays after it, which the last line shows.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
 from bench_moe_block import SHAPES, VARIANTS, inputs, us, weights  # noqa: E402
-from moe_blocks import GroupedMoE  # noqa: E402
+
+from inductor_moe.testing import GroupedMoE  # noqa: E402
 
 import timing  # noqa: E402
 
@@ -73,7 +73,7 @@ def main():
     parser.add_argument("--variants", default="inductor,inductor_moe −PDL")
     parser.add_argument("--swap", action="store_true", help="profile the second variant first")
     parser.add_argument("--width", type=int, default=60, help="characters of each kernel name")
-    args = parser.parse_args()
+    args = timing.cli(parser)
     timing.header()
     names = args.variants.split(",")
     settings = {v[0]: v[1:] for v in VARIANTS}

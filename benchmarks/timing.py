@@ -1,16 +1,24 @@
 """The timing helper every benchmark uses: µs per call inside a CUDA graph, and the device's copy bandwidth
-measured in the same run (the floor of a memory-bound kernel is its bytes over that)."""
+measured in the same run (the floor of a memory-bound kernel is its bytes over that); the tables a benchmark
+prints, and with ``--out FILE`` the same tables as JSON with the run's metadata (:func:`cli`)."""
 
 from __future__ import annotations
 
+import argparse
+import atexit
+import json
 import math
+import platform
 import statistics
+import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-# A graph replay costs ~5.5 us of its own before its first kernel runs (H100, 2026-11-23: 1x2048 silu 1.24 us
+# A graph replay costs ~5.5 us of its own before its first kernel runs (H100: 1x2048 silu 1.24 us
 # a call with 32 launches a graph, 1.08 with 256, 1.06 with 1024; an empty Triton kernel 1.15 / 0.98 / 0.97).
 # So a graph holds enough launches to run at least this long, and that overhead stays under 1% of a call.
 _MIN_GRAPH_US = 500.0
@@ -78,7 +86,7 @@ def interleaved_us(
 ) -> dict[str, float]:
     """Median µs of each of ``calls`` under ``timer`` over ``rounds`` rounds, each round timing every call once
     in an order rotated by one. For columns of one table row that are compared with each other: a latency-bound
-    launch timed later in a process can run slower than the same launch timed first (H200, 2026-12-01: silu
+    launch timed later in a process can run slower than the same launch timed first (H200: silu
     1x2048 0.91 us as a process's first shape, 1.09 us after the others), so a fixed order favours whichever
     column comes first."""
     names = list(calls)
@@ -105,7 +113,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, memcpy: bool = False) -> float:
     """Device-to-device copy rate in GB/s, counting bytes read plus bytes written: through the SMs, the rate a
     memory-bound kernel can reach, timed with an elementwise kernel (torch.neg, 16-byte accesses); or, with
     ``memcpy``, of ``copy_``, which a CUDA graph runs as a memcpy on the copy engines, slower than the SMs (H200,
-    2026-12-01: 2766 GB/s against 4257; our activation streamed 4213 GB/s in that run)."""
+    2766 GB/s against 4257; our activation streamed 4213 GB/s in that run)."""
     src = torch.randn(nbytes // 4, device="cuda")
     dst = torch.empty_like(src)
     copy = (lambda: dst.copy_(src)) if memcpy else (lambda: torch.neg(src, out=dst))
@@ -125,8 +133,18 @@ def device_name() -> str:
     return f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor})"
 
 
+METHOD = (
+    "µs per call: the median of 15 replays of a CUDA graph holding at least 32 calls and ~0.5 ms of work "
+    "(graph_us); inputs rotated over enough buffer sets to cover twice the L2 (buffer_sets), so weights and "
+    "activations come from HBM; the columns of a row timed in rotated order, median of 3 rounds (interleaved_us)"
+)
+
+_tables: list[dict] = []
+
+
 def table(title: str, header: list[str], rows: list[list]) -> None:
-    """Print a markdown table (what BENCHMARKS.md quotes)."""
+    """Print a markdown table (what BENCHMARKS.md quotes); kept for ``--out``."""
+    _tables.append({"title": title, "header": list(header), "rows": [[str(c) for c in r] for r in rows]})
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -135,7 +153,49 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     sys.stdout.flush()
 
 
-def header(extra: str = "") -> None:
-    import time
+def _driver() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "unknown"
 
+
+def metadata(method: str = METHOD) -> dict:
+    """What a table needs to be read later: command, device, versions, method, date."""
+    import triton
+
+    return {
+        "command": "python3 " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "device": device_name(),
+        "driver": _driver(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "method": method,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def cli(parser: argparse.ArgumentParser | None = None, method: str = METHOD) -> argparse.Namespace:
+    """Parse the benchmark's arguments plus ``--out FILE``: at exit, every table the run printed is written
+    there as JSON ({"metadata": ..., "tables": [{title, header, rows}]}); a partial run writes what it has."""
+    parser = parser or argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, help="also write the tables and the run's metadata here as JSON")
+    args = parser.parse_args()
+    if args.out is not None:
+        meta = metadata(method)
+
+        def write():
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"metadata": meta, "tables": _tables}, indent=1, ensure_ascii=False))
+
+        atexit.register(write)
+    return args
+
+
+def header(extra: str = "") -> None:
     print(f"device: {device_name()}, torch {torch.__version__}, date {time.strftime('%Y-%m-%d')} {extra}".rstrip())

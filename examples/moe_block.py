@@ -2,7 +2,7 @@
 
     python examples/moe_block.py
 
-For each block of examples/moe_blocks.py (a loop over experts; a grouped-GEMM block with expert parallelism)
+For each block of inductor_moe/testing.py (a loop over experts; a grouped-GEMM block with expert parallelism)
 it prints which rewrites fired (``inductor_moe.explain``), the largest difference from eager of each compiled
 version and of our MoE runner called directly (``inductor_moe.moe.moe``), and the time of each. On a GPU it
 uses Qwen3-30B-A3B-like sizes; on a CPU-only machine it uses small ones and rewrites CPU graphs too
@@ -12,16 +12,12 @@ uses Qwen3-30B-A3B-like sizes; on a CPU-only machine it uses small ones and rewr
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from moe_blocks import GroupedMoE, LoopMoE  # noqa: E402
-
-import inductor_moe as im  # noqa: E402
+import inductor_moe as im
+from inductor_moe.testing import GroupedMoE, LoopMoE
 
 CUDA = torch.cuda.is_available()
 # tokens, hidden, expert intermediate, experts, top-k; expert parallelism: this rank owns 1/8 of the experts

@@ -8,10 +8,10 @@ are the custom ops ``torch.ops.inductor_moe.*``, with :func:`pack_topk_ids_weigh
 Compiler: ``torch.compile(model, backend="inductor_moe")`` rewrites those computations, however a model spells
 them, into the ops (:mod:`inductor_moe.backend`); :func:`enable` / :func:`disable` do it for the stock
 ``inductor`` backend; :func:`explain` says what was rewritten and why something was not. They are imported on
-first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s).
+first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s). The MoE runner,
+:mod:`inductor_moe.moe`, is imported on first use too.
 """
 
-from . import moe  # the MoE runner: inductor_moe.moe.moe / route / experts
 from .ops import (
     act_and_mul,
     expert_sort,
@@ -29,11 +29,13 @@ _COMPILER_API = ("enable", "disable", "explain")
 
 
 def __getattr__(name: str):
-    if name in (*_COMPILER_API, "backend"):
-        import importlib
+    import importlib
 
+    if name in (*_COMPILER_API, "backend"):
         module = importlib.import_module(f"{__name__}.backend")  # also binds inductor_moe.backend
         return module if name == "backend" else getattr(module, name)
+    if name == "moe":  # the MoE runner (inductor_moe.moe.moe / route / experts), on top of the ops
+        return importlib.import_module(f"{__name__}.moe")
     raise AttributeError(f"module 'inductor_moe' has no attribute {name!r}")
 
 

@@ -3,9 +3,9 @@
 ``torch.compile(model, backend="inductor_moe")`` finds :func:`inductor_moe_backend` through the
 ``torch_dynamo_backends`` entry point (no import needed; passing the function itself works too); ``mode=`` and
 ``options=`` mean what they mean for ``backend="inductor"``. The one Inductor setting it changes: the generated
-Triton kernels launch with programmatic dependent launch on sm90+ (``triton.enable_pdl``; see
-:func:`config.inductor_pdl` for why that is safe and what it is worth), unless ``options`` or
-``INDUCTOR_MOE_PDL=0`` say otherwise.
+Triton kernels launch with programmatic dependent launch on sm90+ (``triton.enable_pdl``, with every kernel
+waiting before its first access: :mod:`inductor_moe.inductor_pdl` says why and checks that this torch's
+codegen is the one it patches), unless ``options`` or ``INDUCTOR_MOE_PDL=0`` say otherwise.
 :func:`enable` / :func:`disable` add the pass to the stock ``inductor`` backend instead. :func:`explain`
 compiles a function and says what was rewritten and what was not, and why.
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch._inductor import custom_graph_pass
 
-from . import config, lowerings
+from . import config, inductor_pdl, lowerings
 from .lowerings import report
 
 # torch 2.13+ tells inference-aware passes whether the graph is an inference graph; 2.11 has no such passes.
@@ -37,8 +37,8 @@ class MoEPass(_INFERENCE_AWARE or custom_graph_pass.CustomGraphPass):
     def __init__(self, inner: Any = None, pdl_waits: bool = False):
         super().__init__()
         self.inner = inner
-        # set by the backend, whose compiles make every Inductor kernel wait before its first access (see
-        # _install_pdl_codegen): part of the uuid, so the FX graph cache never hands a graph compiled without
+        # set by the backend, whose compiles make every Inductor kernel wait before its first access
+        # (inductor_pdl.py): part of the uuid, so the FX graph cache never hands a graph compiled without
         # those waits to the backend
         self.pdl_waits = pdl_waits
         if inner is None:
@@ -69,12 +69,17 @@ class MoEPass(_INFERENCE_AWARE or custom_graph_pass.CustomGraphPass):
         return h.hexdigest()
 
 
-def _source_hash() -> bytes:
-    from . import moe, ops, reference
+def sources() -> tuple[str, ...]:
+    """Every file whose code decides what the pass rewrites or what its replacements compute: the lowerings,
+    this module, the PDL codegen, and what the lowerings import (the ops, the reference, the index helpers)."""
+    from . import indexing, ops, reference
 
-    # moe.py too: the rewrites call its inverse_permutation and narrow_key_dtype
-    files = (*lowerings.SOURCES, __file__, ops.__file__, reference.__file__, moe.__file__)
-    return custom_graph_pass.get_hash_for_files(tuple(files))
+    op_files = sorted(str(p) for p in Path(ops.__file__).parent.glob("*.py"))
+    return (*lowerings.SOURCES, __file__, inductor_pdl.__file__, *op_files, reference.__file__, indexing.__file__)
+
+
+def _source_hash() -> bytes:
+    return custom_graph_pass.get_hash_for_files(sources())
 
 
 def _version() -> str:
@@ -89,63 +94,13 @@ def _with_our_pass(current: Any, pdl_waits: bool = False) -> MoEPass:
     return MoEPass(current, pdl_waits)
 
 
-# Inductor's PDL (triton.enable_pdl) places a kernel's gdc_wait before its first read of what the kernel just
-# before it wrote, and triggers the next launch after its last load; a kernel that touches nothing the previous
-# one wrote (a fill, say) never waits at all. Two changes under this backend, both measured on H100 (2026-11-23):
-# - Every Inductor kernel waits before its first global access. A PDL kernel that never waits lets the next one
-#   start when it exits, while the kernel before it may still be writing: in a scratch experiment, A writes a
-#   flag at the end of 50 us, B (PDL) never waits, and C (PDL) reads the flag without waiting, as Inductor's
-#   kernels read buffers older than their predecessor's: stale 200 times in 200. With every kernel waiting,
-#   each kernel's completion implies its predecessor's and the chain is safe (ours already wait first).
-# - No early trigger: the next kernel launches when this one exits, which is most of PDL's gain (an empty Triton
-#   kernel in a CUDA graph: 1.29 us without PDL, 0.82 with PDL and no trigger). The early trigger cost large
-#   batches: Qwen3-like block, 1/8 of the experts local, T=4096: 474.5 us with it, 452.0 without, 449.5 with
-#   no PDL (stock inductor: 678 -> 796 us when its PDL is on); at T=1 both give 43.6-43.8 against 44.8.
-_pdl_state = threading.local()
-
-
-def _install_pdl_codegen() -> None:
-    """Patch Inductor's Triton codegen as above, for compiles inside :func:`_compile_inner_with_pdl_waits`
-    only; other compiles in the process (stock Inductor with its PDL on, say) are left as they are."""
-    from torch._inductor.codegen.triton import TritonKernel
-    from torch._inductor.virtualized import V
-
-    original_wait = TritonKernel._handle_pdl_before_access
-    if getattr(original_wait, "_inductor_moe", False):
-        return
-    original_filter = TritonKernel._filter_pdl
-
-    def handle_pdl_before_access(self, wait_buffer, *dependencies, consider_reads=False):
-        scheduler = V.graph.scheduler
-        if not getattr(_pdl_state, "active", False) or scheduler is None:
-            return original_wait(self, wait_buffer, *dependencies, consider_reads=consider_reads)
-        previous, scheduler.previous_node = scheduler.previous_node, None  # "no known predecessor": wait
-        try:
-            return original_wait(self, wait_buffer, *dependencies, consider_reads=consider_reads)
-        finally:
-            scheduler.previous_node = previous
-
-    def filter_pdl(self, code):
-        original_filter(self, code)
-        if getattr(_pdl_state, "active", False):
-            code._lines = [line for line in code._lines if not (isinstance(line, str) and self.GDC_LAUNCH in line)]
-
-    handle_pdl_before_access._inductor_moe = True
-    TritonKernel._handle_pdl_before_access = handle_pdl_before_access
-    TritonKernel._filter_pdl = filter_pdl
-
-
 def _compile_inner_with_pdl_waits(*args, **kwargs):
-    """Inductor's compile_fx_inner (forward and backward graphs alike) with the PDL codegen above."""
+    """Inductor's compile_fx_inner (forward and backward graphs alike) with the PDL codegen of
+    :mod:`inductor_moe.inductor_pdl`."""
     from torch._inductor.compile_fx import compile_fx_inner
 
-    _install_pdl_codegen()
-    saved = getattr(_pdl_state, "active", False)
-    _pdl_state.active = True
-    try:
+    with inductor_pdl.compiling():
         return compile_fx_inner(*args, **kwargs)
-    finally:
-        _pdl_state.active = saved
 
 
 def inductor_moe_backend(
@@ -160,9 +115,11 @@ def inductor_moe_backend(
     options = dict(options or {})
     user_pass = options.pop("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
     patches = dict(_TorchCompileInductorWrapper(mode, options, dynamic=None).config)
-    patches.setdefault("triton.enable_pdl", config.inductor_pdl())
-    patches["post_grad_custom_post_pass"] = _with_our_pass(user_pass, pdl_waits=True)
-    return compile_fx(gm, example_inputs, inner_compile=_compile_inner_with_pdl_waits, config_patches=patches)
+    pdl_waits = config.inductor_pdl() and inductor_pdl.install()  # False: this torch's codegen is not patched
+    patches.setdefault("triton.enable_pdl", pdl_waits)
+    patches["post_grad_custom_post_pass"] = _with_our_pass(user_pass, pdl_waits=pdl_waits)
+    inner = _compile_inner_with_pdl_waits if pdl_waits else None
+    return compile_fx(gm, example_inputs, config_patches=patches, **({"inner_compile": inner} if inner else {}))
 
 
 def enable() -> None:

@@ -69,11 +69,9 @@ def inductor_pdl() -> bool:
     launch (Inductor's ``triton.enable_pdl``, which only acts on CUDA devices of sm90+).
 
     Why it is on: at small batch a MoE block is a chain of ~20 launches of a microsecond each, and PDL lets each
-    start while the one before drains (FACTS.md: Inductor's packing kernel 1.12-1.47 -> 0.81-1.06 us); stock
-    Inductor leaves it off. Under this backend every Inductor kernel waits before its first global access and
-    none triggers its dependents early (backend.py: Inductor's own placement can race, and its early trigger
-    cost 5% at T=4096); ours wait first too. Measured end to end in BENCHMARKS.md (bench_moe_block's PDL
-    columns).
+    start while the one before drains (H100: Inductor's packing kernel 1.12-1.47 us without, 0.81-1.06 with);
+    stock Inductor leaves it off. Under this backend every Inductor kernel waits before its first global access
+    and none triggers its dependents early (inductor_pdl.py says why); ours wait first too.
     """
     return pdl_enabled()
 

@@ -4,7 +4,7 @@
 expert with the ``expert_sort`` op, the two grouped GEMMs, the filtered gated activation, the weighted
 combine). It is the only copy of that sequence: the eager entry point is it, and a compiled model that calls
 it gets the same ops (they are custom ops with fake functions, and nothing here syncs with the host, so it
-traces whole).
+traces whole). Nothing inside the package imports this module: it sits on top of the ops.
 
 Expert weights use nn.Linear's layout, as model libraries store them: ``w13`` [E, 2I, H] (gate rows, then up
 rows) and ``w2`` [E, H, I]. With ``expert_range=(lo, hi)`` this rank holds experts lo..hi-1 (expert
@@ -26,34 +26,6 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
-
-
-def narrow_key_dtype(lo: int, hi: int, dtype: torch.dtype) -> torch.dtype | None:
-    """The narrowest of uint8 / int16 / int32 that holds [lo, hi] and is narrower than ``dtype``, else None. A
-    stable sort of keys in [lo, hi] cast to it returns the same indices, sooner (torch's sort takes longer the
-    wider its keys: lowerings/expert_sort.py, which casts a compiled model's keys so)."""
-    for narrow in (torch.uint8, torch.int16, torch.int32):
-        info = torch.iinfo(narrow)
-        if info.min <= lo and hi <= info.max:
-            return narrow if narrow.itemsize < dtype.itemsize else None
-    return None
-
-
-def narrow_keys(key: torch.Tensor, top: int) -> torch.Tensor:
-    """``key`` (values in [0, top]) in :func:`narrow_key_dtype`'s dtype for them, or as it is. The expert_sort
-    op's ATen chain sorts its key so (ops.expert_sort_aten)."""
-    dtype = narrow_key_dtype(0, top, key.dtype)
-    return key if dtype is None else key.to(dtype)
-
-
-def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
-    """``inv`` with ``inv[perm[i]] = i`` for a permutation ``perm`` of range(n), 1-D: what ``torch.argsort(perm)``
-    returns, by a scatter instead of a sort. The combine's source rows: sorted row ``inv[j]`` holds pair j. The
-    compiled path computes them so too where a model spells them ``argsort(perm)`` (the combine's lowering).
-    H200, CUDA graph, n = 2 / 128 / 2048 / 32768: argsort 7.4 / 12.9 / 32.2 / 68.4 us, this 2.5 / 2.5 / 4.5 /
-    4.8 eager (two launches: the arange, the scatter), 1.1 / 1.1 / 1.4 / 1.4 compiled
-    (benchmarks/bench_expert_sort.py)."""
-    return torch.empty_like(perm).index_put_((perm,), torch.arange(perm.numel(), device=perm.device, dtype=perm.dtype))
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

@@ -44,16 +44,18 @@ def live_rows_ref(
     expert_lo: int = EXPERT_LO,
     expert_hi: int = EXPERT_HI,
     expert_ids_index: torch.Tensor | None = None,
+    check_index: bool = True,
 ) -> torch.Tensor:
     """The expert filter on rows: row r is live iff its id is live, where its id is expert_ids[r // expert_step],
     or expert_ids[expert_ids_index[r // expert_step]] through an index (which must lie in [0, len(expert_ids)):
-    a negative index is an error, not a wrap-around). Bool [rows]."""
+    a negative index is an error, not a wrap-around; ``check_index=False`` skips that check, which syncs with
+    the device, for an index already checked). Bool [rows]."""
     slots = torch.arange(rows, device=expert_ids.device) // expert_step
     ids = expert_ids.reshape(-1)
     if expert_ids_index is not None:
         slots = expert_ids_index.reshape(-1)[slots].long()
         bad = (slots < 0) | (slots >= ids.numel())
-        if bad.any():
+        if check_index and bad.any():
             raise IndexError(
                 f"inductor_moe: expert_ids_index holds {int(slots[bad][0])}, outside expert_ids' {ids.numel()} entries"
             )

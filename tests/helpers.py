@@ -53,6 +53,51 @@ def poison_allocator(shape, dtype, device):
         del del_me
 
 
+def routed_ids(shape, lo, hi, dtype, device, seed=0):
+    """Ids around [lo, hi) (about half of them live), with the edge ids of ``dtype`` mixed in: -1, 0, lo - 1,
+    lo, hi - 1, hi and the dtype's extremes (which an int32 subtraction of lo could wrap)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(hi - lo, 1)
+    ids = torch.randint(max(lo - width, -1), hi + width, shape, generator=gen).to(dtype)
+    info = torch.iinfo(dtype)
+    edges = torch.tensor([-1, 0, lo - 1, lo, hi - 1, hi, info.min, info.max], dtype=dtype)
+    flat = ids.view(-1)
+    flat[: min(flat.numel(), edges.numel())] = edges[: flat.numel()]
+    return ids.to(device)
+
+
+def assert_bit_exact(out, ref):
+    assert out.dtype == torch.int32 and out.shape == ref.shape and out.is_contiguous()
+    mismatch = (out != ref).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} mismatches, first at {mismatch[:4].tolist()}"
+
+
+def combine_case(tokens, k, h, dtype, w_dtype, ids_dtype, rows_dtype, device, dead=0.5):
+    """Expert outputs whose unread rows are NaN (a kernel that reads one fails), ids with ~``dead`` of the pairs
+    outside [0, 8), and, with rows_dtype, src_rows that gather rows from a shuffled, larger expert_out."""
+    ids = None
+    if ids_dtype is not None:
+        ids = torch.randint(0, 8, (tokens, k), device=device)
+        ids = torch.where(torch.rand(tokens, k, device=device) < dead, -1, ids).to(ids_dtype)
+    live = torch.ones(tokens, k, dtype=torch.bool, device=device) if ids is None else ids >= 0
+    if rows_dtype is None:
+        src_rows = None
+        expert_out = randn(tokens * k, h, device=device)
+        rows = torch.arange(tokens * k, device=device).view(tokens, k)
+    else:
+        total = tokens * k + 5
+        src_rows = torch.randperm(total, device=device)[: tokens * k].view(tokens, k)
+        # a dead pair's row may be anything, even an invalid index: it must never be read
+        src_rows = torch.where(live, src_rows, -7).to(rows_dtype)
+        expert_out = randn(total, h, device=device)
+        rows = src_rows.long()
+    read = torch.zeros(expert_out.shape[0], dtype=torch.bool, device=device)
+    read[rows[live]] = True
+    expert_out[~read] = float("nan")  # every row no live pair names
+    w = torch.rand(tokens, k, device=device).to(w_dtype)
+    return expert_out.to(dtype), w, ids, src_rows
+
+
 def captured(step):
     """``step()`` run once (JIT compiles and allocations stay outside the capture), then captured in a CUDA
     graph: (the graph, what the captured call returned)."""

@@ -8,9 +8,6 @@ prove the dispatch, checks and shapes) and on the GPU on the device machine (the
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -23,7 +20,6 @@ from helpers import (
     DTYPES,
     FILTER_RANGES,
     TOL,
-    assert_compiles_once,
     assert_matches_reference,
     captured,
     extreme_ids,
@@ -261,25 +257,6 @@ def test_ids_index_out_of_range_is_an_error():
             im.silu_and_mul(x, expert_ids=ids, expert_ids_index=index)
 
 
-@pytest.mark.cuda
-def test_ids_index_out_of_range_is_a_device_error():
-    # checked by the kernel (the host cannot without a sync): it reports and traps, poisoning the context,
-    # so this runs in a child process
-    script = textwrap.dedent(
-        """
-        import torch, inductor_moe as im
-        x = torch.randn(8, 64, device="cuda")
-        index = torch.arange(8, device="cuda")
-        index[5] = -3
-        im.silu_and_mul(x, expert_ids=torch.zeros(8, dtype=torch.int32, device="cuda"), expert_ids_index=index)
-        torch.cuda.synchronize()
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "expert_ids_index[5] = -3 is outside expert_ids' 8 entries" in result.stdout
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_filter_local_expert_range(device):
     # expert parallelism: this rank owns experts [16, 32) of 128; everything else is dead
@@ -344,108 +321,8 @@ def test_filter_range_edges(device, ids_dtype, lo, hi):
 # Bad input: a clear error, never a crash or garbage
 
 
-def _bad_cases(device):
-    other = "cpu" if device == "cuda" else "meta"
-    x = randn(4, 16, dtype=torch.bfloat16, device=device)
-    ids = torch.zeros(4, dtype=torch.int32, device=device)
-    return [
-        ("dtype", lambda: im.silu_and_mul(x.to(torch.float64)), "dtype must be float16, bfloat16 or float32"),
-        ("int dtype", lambda: im.silu_and_mul(x.to(torch.int32)), "dtype must be float16, bfloat16 or float32"),
-        ("odd last dim", lambda: im.silu_and_mul(x[:, :15]), "must be even"),
-        ("activation", lambda: im.act_and_mul("relu", x), "activation must be one of"),
-        ("0-dim", lambda: im.silu_and_mul(x[0, 0]), "at least one dim"),
-        ("last dim stride", lambda: im.silu_and_mul(randn(16, 4, device=device).t()), "contiguous last dim"),
-        (
-            "leading dims",
-            lambda: im.silu_and_mul(randn(5, 3, 16, device=device).transpose(0, 1)),
-            "flatten to one row stride",
-        ),
-        ("out dtype", lambda: im.silu_and_mul(x, out=torch.empty(4, 8, device=device)), "out dtype"),
-        ("out shape", lambda: im.silu_and_mul(x, out=x.new_empty(4, 9)), r"out must have shape \[4, 8\]"),
-        ("out device", lambda: im.silu_and_mul(x, out=x.new_empty(4, 8, device=other)), "out must be on"),
-        (
-            "out layout",
-            lambda: im.silu_and_mul(x, out=x.new_empty(8, 4).t()),
-            "out must have a contiguous last dim",
-        ),
-        ("ids dtype", lambda: im.silu_and_mul(x, expert_ids=ids.float()), "expert_ids must be int32 or int64"),
-        ("ids device", lambda: im.silu_and_mul(x, expert_ids=ids.to(other)), "expert_ids must be on"),
-        ("ids shape", lambda: im.silu_and_mul(x, expert_ids=ids[:3]), r"expert_ids must have shape"),
-        ("ids 2d", lambda: im.silu_and_mul(x, expert_ids=ids.view(2, 2)), r"expert_ids must have shape"),
-        (
-            "ids blocks",
-            lambda: im.silu_and_mul(x, expert_ids=ids, expert_step=2),
-            r"expert_ids must have shape .*\[2\]",
-        ),
-        (
-            "ids non-contiguous",
-            lambda: im.silu_and_mul(x, expert_ids=torch.zeros(4, 2, dtype=torch.int32, device=device)[:, 0]),
-            "expert_ids must be contiguous",
-        ),
-        ("expert_step", lambda: im.silu_and_mul(x, expert_ids=ids, expert_step=0), "expert_step must be >= 1"),
-        ("index alone", lambda: im.silu_and_mul(x, expert_ids_index=ids), "expert_ids_index needs expert_ids"),
-        (
-            "index dtype",
-            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids.float()),
-            "expert_ids_index must be int32 or int64",
-        ),
-        (
-            "index device",
-            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids.to(other)),
-            "expert_ids_index must be on",
-        ),
-        (
-            "index shape",
-            lambda: im.silu_and_mul(x, expert_ids=ids, expert_ids_index=ids[:3]),
-            r"expert_ids_index must have shape input.shape\[:-1\]",
-        ),
-        (
-            "ids 2d with index",
-            lambda: im.silu_and_mul(x, expert_ids=ids.view(2, 2), expert_ids_index=ids),
-            "with expert_ids_index, expert_ids must be 1-D",
-        ),
-    ]
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs(device):
-    for name, call, message in _bad_cases(device):
-        with pytest.raises(RuntimeError, match=message):
-            call()
-            pytest.fail(f"no error for bad input: {name}")
-
-
-def test_sizes_past_32_bit_indexing_rejected():
-    # Meta tensors reach the fake function without allocating: the limits are checked without a GPU.
-    with pytest.raises(RuntimeError, match=r"must be below 2\*\*31"):
-        im.silu_and_mul(torch.empty(1, 2**32, dtype=torch.bfloat16, device="meta"))
-    with pytest.raises(RuntimeError, match=r"at most 2\*\*31-1 rows"):
-        im.silu_and_mul(torch.empty(2**31, 2, dtype=torch.bfloat16, device="meta"))
-    # large but legal: 2**31 elements in total needs 64-bit offsets, not an error
-    assert im.silu_and_mul(torch.empty(2**17, 2**14, dtype=torch.bfloat16, device="meta")).shape == (2**17, 2**13)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # opcheck, fake functions under symbolic shapes, torch.compile
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("filtered", [False, True])
-def test_opcheck(device, filtered):
-    x = randn(3, 5, 2 * 24, dtype=torch.bfloat16, device=device)
-    ids = torch.randint(-1, 8, (3, 5), device=device) if filtered else None
-    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x, "silu", ids, 1, 0, 8))
-    out = torch.zeros(3, 5, 24, dtype=torch.bfloat16, device=device)
-    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul_out.default, (x, out, "gelu", ids, 1, 0, 8))
-    blocks = torch.tensor([1, -1], device=device)
-    x2 = randn(100, 2 * 8, device=device)
-    torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x2, "gelu_tanh", blocks, 64, 0, 8))
-    if filtered:  # ids through an index
-        index = torch.randint(0, 15, (3, 5), device=device)
-        flat = ids.view(-1)
-        torch.library.opcheck(torch.ops.inductor_moe.act_and_mul.default, (x, "silu", flat, 1, 0, 8, index))
-        args = (x, out, "gelu", flat, 1, 0, 8, index.int())
-        torch.library.opcheck(torch.ops.inductor_moe.act_and_mul_out.default, args)
 
 
 def test_fake_symbolic_shapes():
@@ -465,35 +342,6 @@ def test_fake_symbolic_shapes():
     x = randn(9, 2 * 7)
     ids = torch.tensor([0, -1, 2, 3, -1, 0, 1, 1, -1])
     assert torch.equal(gm(x, ids), reference.act_and_mul_ref(x, "silu", ids))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mode", ["backed", "unbacked"])
-def test_compile_no_recompile_across_batch(device, mode):
-    def f(x, ids):
-        return im.silu_and_mul(x, expert_ids=ids) * 2
-
-    assert_compiles_once(
-        f,
-        lambda t: (randn(t, 2 * 32, device=device), torch.randint(-1, 8, (t,), device=device)),
-        (1, 2, 3, 64, 1000, 4096),
-        lambda out, ref: torch.testing.assert_close(out, ref, rtol=0, atol=0),
-        unbacked=mode == "unbacked",
-    )
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_ids_through_index_no_recompile_across_batch(device):
-    def f(x, ids):
-        order = torch.argsort(ids, stable=True)
-        return im.silu_and_mul(x, expert_ids=ids, expert_ids_index=order)
-
-    assert_compiles_once(
-        f,
-        lambda t: (randn(t, 2 * 32, device=device), torch.randint(-1, 8, (t,), device=device)),
-        (1, 2, 3, 64, 1000),
-        lambda out, ref: torch.testing.assert_close(out, ref, rtol=0, atol=0),
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -610,16 +458,18 @@ def test_captured_launches_use_pdl_where_it_pays(monkeypatch, pdl):
 
 @pytest.mark.cuda
 def test_current_stream_is_used():
+    # the input is written on a side stream behind ~50 ms of sleep, and the op is called on that stream: a launch
+    # on any other stream would read the input's NaN poison before the copy lands
     x = randn(2048, 2 * 4096, dtype=torch.bfloat16, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        slow = x.float().exp().sum()  # queue work ahead of ours on the side stream
-        out = im.silu_and_mul(x)
-        out_ref = reference.act_and_mul_ref(x, "silu")
+        staged = torch.full_like(x, float("nan"))
+        torch.cuda._sleep(50_000_000)  # cycles: tens of ms on any GPU this runs on
+        staged.copy_(x)
+        out = im.silu_and_mul(staged)
     side.synchronize()
-    del slow
-    assert_matches_reference(out, out_ref)
+    assert_matches_reference(out, reference.act_and_mul_ref(x, "silu"))
 
 
 @pytest.mark.cuda

@@ -111,6 +111,45 @@ def test_backend_turns_inductor_pdl_on(backend_name, options, env, expected, mon
     assert probe.calls == 1 and probe.pdl is expected
 
 
+def test_pdl_patch_applies_to_this_torch():
+    from torch._inductor.codegen.triton import TritonKernel
+
+    from inductor_moe import inductor_pdl
+
+    assert inductor_pdl.missing_hooks() == []
+    assert inductor_pdl.install() and inductor_pdl.install()  # idempotent
+    assert TritonKernel._handle_pdl_before_access._inductor_moe
+    assert inductor_pdl.missing_hooks() == []  # still recognised once replaced
+
+
+@pytest.mark.parametrize("change", ["missing", "signature"])
+def test_pdl_patch_left_off_when_inductor_changed(change, monkeypatch, caplog):
+    # another torch whose codegen lacks the hooks (or takes other arguments): the backend compiles with Inductor's
+    # PDL off, patches nothing, and says so once in the log
+    from torch._inductor.codegen.triton import TritonKernel
+
+    from inductor_moe import inductor_pdl
+
+    if change == "missing":
+        monkeypatch.delattr(TritonKernel, "_filter_pdl")
+    else:
+        monkeypatch.setattr(TritonKernel, "_filter_pdl", lambda self, code, extra: None)
+    wait = TritonKernel._handle_pdl_before_access
+    monkeypatch.setattr(inductor_pdl, "_warned", False)
+    with caplog.at_level("WARNING", logger="inductor_moe.inductor_pdl"):
+        probe = PdlProbe(f"pdl-probe-changed-{change}")
+        torch._dynamo.reset()
+        with inductor_config.patch(post_grad_custom_post_pass=probe, force_disable_caches=True):
+            for _ in range(2):
+                torch._dynamo.reset()
+                f = torch.compile(lambda x: x * 2 + 1, backend="inductor_moe")
+                assert torch.equal(f(torch.ones(3)), torch.full((3,), 3.0))
+    assert probe.pdl is False and TritonKernel._handle_pdl_before_access is wait
+    assert not inductor_pdl.install()
+    messages = [r.getMessage() for r in caplog.records if r.name == "inductor_moe.inductor_pdl"]
+    assert len(messages) == 1 and "_filter_pdl" in messages[0], messages
+
+
 @pytest.mark.skipif(torch.__version__ < "2.13", reason="pass lists arrived in torch 2.13")
 def test_user_pass_list():
     a, b = CountingPass("a"), CountingPass("b")
@@ -138,8 +177,10 @@ def test_enable_and_disable_on_the_stock_backend():
 
 
 def test_uuid_hashes_every_source_the_rewrites_run(monkeypatch):
-    # the lowerings, and what their replacements call (the ops, the reference, the runner's inverse and key dtype)
-    from inductor_moe import lowerings, moe, ops, reference
+    # the lowerings, the PDL codegen, and what the replacements call (the ops, the reference, the index helpers)
+    from pathlib import Path
+
+    from inductor_moe import indexing, inductor_pdl, lowerings, ops, reference
 
     hashed = []
 
@@ -149,8 +190,11 @@ def test_uuid_hashes_every_source_the_rewrites_run(monkeypatch):
 
     monkeypatch.setattr(backend.custom_graph_pass, "get_hash_for_files", record)
     backend.MoEPass().uuid()
-    for path in (*lowerings.SOURCES, backend.__file__, ops.__file__, reference.__file__, moe.__file__):
+    op_files = [str(p) for p in Path(ops.__file__).parent.glob("*.py")]
+    assert len(op_files) >= 6  # __init__, library and one module a family
+    for path in (*lowerings.SOURCES, backend.__file__, inductor_pdl.__file__, *op_files, reference.__file__):
         assert path in hashed, path
+    assert indexing.__file__ in hashed
 
 
 def test_uuid_folds_settings_and_the_user_pass():

@@ -16,27 +16,14 @@ import torch
 import triton
 
 import inductor_moe as im
-from inductor_moe import ops, reference
+from inductor_moe import indexing, ops, reference
 from inductor_moe.kernels.triton import expert_sort as kernel
 
-from helpers import DEVICES, assert_compiles_once, captured
+from helpers import DEVICES, captured, routed_ids
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 # (lo, hi): all of 8, a middle slice, one expert, the last 16 of 128 (expert parallelism), no expert at all
 RANGES = [(0, 8), (2, 5), (3, 4), (112, 128), (4, 4)]
-
-
-def routed_ids(shape, lo, hi, dtype, device, seed=0):
-    """Ids around [lo, hi) (about half of them live), with the edge ids of ``dtype`` mixed in: -1, 0, lo - 1,
-    lo, hi - 1, hi and the dtype's extremes (which an int32 subtraction of lo could wrap)."""
-    gen = torch.Generator().manual_seed(seed)
-    width = max(hi - lo, 1)
-    ids = torch.randint(max(lo - width, -1), hi + width, shape, generator=gen).to(dtype)
-    info = torch.iinfo(dtype)
-    edges = torch.tensor([-1, 0, lo - 1, lo, hi - 1, hi, info.min, info.max], dtype=dtype)
-    flat = ids.view(-1)
-    flat[: min(flat.numel(), edges.numel())] = edges[: flat.numel()]
-    return ids.to(device)
 
 
 def assert_same_groups(got, topk_ids, lo, hi):
@@ -106,48 +93,6 @@ def test_kernel_limits():
     assert bins <= 1024 and (bins - 1) * block + block - 1 < 2**31
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_bad_inputs(device):
-    ids = torch.zeros(4, 8, dtype=torch.int64, device=device)
-    cases = [
-        (lambda: im.expert_sort(ids.float(), (0, 8)), "topk_ids must be int32 or int64"),
-        (lambda: im.expert_sort(ids[0, 0], (0, 8)), "at least one dim"),
-        (lambda: im.expert_sort(ids.view(2, 2, 8).transpose(0, 1), (0, 8)), "flatten to one row stride"),
-        (lambda: im.expert_sort(ids, (5, 3)), r"0 <= lo <= hi < 2\*\*31"),
-        (lambda: im.expert_sort(ids, (-1, 3)), r"0 <= lo <= hi < 2\*\*31"),
-        (lambda: im.expert_sort(ids, (0, 2**31)), r"0 <= lo <= hi < 2\*\*31"),
-    ]
-    for call, message in cases:
-        with pytest.raises(RuntimeError, match=message):
-            call()
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("shape", [(6, 8), (200, 8)])  # on the GPU: the kernel, then the ATen chain
-def test_opcheck(device, shape):
-    for dtype in INDEX_DTYPES:
-        ids = routed_ids(shape, 2, 10, dtype, device)
-        torch.library.opcheck(torch.ops.inductor_moe.expert_sort.default, (ids, 2, 10))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_compile_no_recompile_across_batch(device):
-    def f(ids):
-        order, offs, src_rows = im.expert_sort(ids + 0, (16, 32))
-        return order, offs, src_rows
-
-    def check(got, want):
-        for g, w in zip(got, want):
-            assert torch.equal(g, w)
-
-    assert_compiles_once(
-        f,
-        lambda t: (routed_ids((t, 8), 16, 32, torch.int64, device, seed=t),),
-        (1, 2, 37, 1000, 4096),  # 8 to 32768 pairs: one program, then (on the GPU) the ATen chain
-        check,
-    )
-
-
 def launch_poisoned(ids, lo, hi):
     """The kernel's launcher (interpreted in run_interpreter_cases' child process) over outputs filled with a value
     no output holds, so unwritten elements show."""
@@ -155,7 +100,7 @@ def launch_poisoned(ids, lo, hi):
     order = torch.full((n,), -7, dtype=torch.int64, device=ids.device)
     src_rows = torch.full((n,), -7, dtype=torch.int64, device=ids.device)
     offs = torch.full((groups,), -7, dtype=torch.int32, device=ids.device)
-    kernel.expert_sort(ids, ops.pack_strides(ids), lo, groups, order, offs, src_rows)
+    kernel.expert_sort(ids, indexing.row_strides(ids), lo, groups, order, offs, src_rows)
     return order, offs, src_rows
 
 

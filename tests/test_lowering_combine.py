@@ -175,7 +175,7 @@ def grouped_tail(
     return_inverse=False,
     scatter=None,
 ):
-    """The tail of examples/moe_blocks.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
+    """The tail of inductor_moe/testing.py's GroupedMoE: y holds the rows sorted by local expert (other ranks'
     experts last, under a sentinel); zero those, put the rows back in token order, weight and sum over k.
     With ``return_inverse`` also the inverse permutation it put them back with; with ``scatter`` (one of
     SCATTERS) the rows are scattered to their pairs instead of gathered through the inverse."""
@@ -229,7 +229,7 @@ def test_gathered_masked_rows_become_src_rows_and_filter(zero):
     # wrapped range (5, 4)), dead pairs adding w * 0; neither gather nor the rows' where is left
     assert re.search(r"inductor_moe\.moe_combine\(in\d, in\d, v\d+, 5, 4, v\d+, True\)", graph), graph
     assert "aten.index(" not in graph and graph.count("aten.where(") == 1, graph
-    # argsort(order) of the permutation order is its inverse: scattered (moe.inverse_permutation), not sorted
+    # argsort(order) of the permutation order is its inverse: scattered (indexing.inverse_permutation), not sorted
     assert graph.count("aten.sort(") == 1 and re.search(r"aten\.index_put_\(v\d+, \[v\d+\], v\d+\)", graph), graph
     assert not out.isnan().any()
     # the same pairs dropped (the remote ones), the rest the op's sum over the rows put back in order

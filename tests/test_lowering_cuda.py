@@ -5,18 +5,14 @@ mode="reduce-overhead" (CUDA graphs); a grouped-GEMM MoE block's ops read its so
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from inductor_moe import reference
+from inductor_moe.testing import GroupedMoE, moe_tail
 
 from helpers import TOL, randn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from moe_blocks import GroupedMoE, moe_tail  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 
@@ -78,7 +74,7 @@ def test_compiled_filtered_combine_skips_dead_rows():
 
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_compiled_grouped_block_reads_through_the_sort(tokens):
-    # examples/moe_blocks.py's GroupedMoE with a local range: the activation's ids and the combine's rows are
+    # inductor_moe/testing.py's GroupedMoE with a local range: the activation's ids and the combine's rows are
     # both gathers by the expert sort, which the ops take as expert_ids_index and src_rows (no gathered copies);
     # the grouped GEMM leaves the remote rows unwritten, which must never reach the result
     from torch._inductor.utils import run_and_get_code

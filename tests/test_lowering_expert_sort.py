@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inductor_moe import config, moe
+from inductor_moe import config, indexing
 
 from helpers import compile_rewrite, families
 
@@ -132,10 +132,10 @@ def test_family_switch():
 )
 def test_runner_narrows_its_keys_alike(top, dtype):
     key = torch.randint(0, top + 1, (4097,))
-    narrow = moe.narrow_keys(key, top)
+    narrow = indexing.narrow_keys(key, top)
     assert narrow.dtype == dtype and torch.equal(narrow.long(), key)
     assert torch.equal(torch.argsort(narrow, stable=True), torch.argsort(key, stable=True))
-    assert moe.narrow_keys(key.int(), 40000).dtype == torch.int32  # never widened, never the same width again
+    assert indexing.narrow_keys(key.int(), 40000).dtype == torch.int32  # never widened, never the same width again
 
 
 @pytest.mark.parametrize(("experts", "narrowed"), [(8, "uint8"), (256, "uint8"), (300, "int16")])

@@ -9,11 +9,9 @@ Two artefacts, both built on first use and cached under ``config.cache_dir()``:
   arch). The host glue asks for a variant the first time it launches it on a device, through the callback
   registered here.
 
-Why this split. Measured before choosing (device VM, FACTS.md): ``load_inline`` with ``torch/extension.h``
-64 s cold, a .cu+.cpp nvcc build 27 s; a C++ op ~7.5 us of host time per call against ~52 us for a Python
-custom op launching through cuda-bindings. Measured with this design (H100 VM, 2026-11-23, BENCHMARKS.md):
-host glue 6.8 s cold (14.7 s as a single g++ file), 14-66 ms per NVRTC variant cold, 0.05 s warm (glue)
-plus at most 0.03 s for the first launch of a cached variant, and 8.1 us of host time per eager call.
+Why this split (H100 VM): ``load_inline`` with ``torch/extension.h`` builds in 64 s cold and a .cu+.cpp nvcc
+build in 27 s, while this glue builds in 6.8 s cold and an NVRTC variant in 14-66 ms (0.05 s warm); a C++ op
+costs ~7.5 us of host time a call against ~52 us for a Python custom op launching through cuda-bindings.
 
 Cache keys hash every source file, the compile options, the target arch and the toolchain version; files are
 written under a unique temporary name and renamed into place, so processes compiling the same entry at once
@@ -35,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import config
+from . import families
 
 log = logging.getLogger("inductor_moe.jit")
 
@@ -242,18 +241,20 @@ def build_host_library() -> Path:
     flags = _host_flags()
     sources = _host_sources()
     headers = sorted(CSRC.glob("*.h"))
+    generated = families.header()
     compiler = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    key = _digest(*(p.read_bytes() for p in sources + headers), *flags, compiler, torch.__version__)
+    key = _digest(*(p.read_bytes() for p in sources + headers), generated, *flags, compiler, torch.__version__)
     path = config.cache_dir() / "host" / key / "libinductor_moe_host.so"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        (Path(tmp) / "families.h").write_text(generated)
         objects = [Path(tmp) / (src.stem + ".o") for src in sources]
         procs = [
             (cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            for cmd in ([cxx, *flags, "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects))
+            for cmd in ([cxx, *flags, f"-I{tmp}", "-c", str(src), "-o", str(obj)] for src, obj in zip(sources, objects))
         ]
         torch_lib = Path(torch.__file__).parent / "lib"
         link = [

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config
+from .. import config, ops  # noqa: F401  (ops: defines torch.ops.inductor_moe, which the rewrites emit)
 from . import canonicalize, combine, expert_sort, gated_act, report, topk_pack
 
 SOURCES = tuple(sorted(str(p) for p in Path(__file__).parent.glob("*.py")))

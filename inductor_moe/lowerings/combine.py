@@ -24,7 +24,7 @@ expert, then put back in token order, as grouped-GEMM MoE blocks do), pair j's r
 ``s[perm[inv[j]]] = s[j]`` is, so ``s`` becomes the op's per-pair filter with ``zero_dead_rows``: a masked
 pair then adds ``w * 0`` as the spelling does (NaN for a non-finite weight), without reading its row. And when
 ``perm`` is itself a sort's indices, ``inv = argsort(perm)`` is its inverse: src_rows are then scattered
-(``moe.inverse_permutation``, the same values, as the expert_sort op's ATen chain computes them) instead of
+(``indexing.inverse_permutation``, the same values, as the expert_sort op's ATen chain computes them) instead of
 sorted, unless the program uses that sort for something else. Rows scattered back instead, ``out[perm] = y``
 or ``base.index_copy(0, perm, y)`` (``index_put``, not accumulated, of y into a base of y's shape and dtype,
 perm a sort's indices of y's length, so every row of base is overwritten), are ``y[inv]`` with inv perm's
@@ -42,7 +42,8 @@ import dataclasses
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from .. import moe, reference
+from .. import reference
+from ..indexing import inverse_permutation
 from . import expert_mask, matching
 
 aten = torch.ops.aten
@@ -336,7 +337,7 @@ def _replace(match: Match, c: _Combine):
         shape = weights.shape
         ids = None if ids is None else ids.reshape(shape)
         if c.inverse_of is not None:
-            src_rows = moe.inverse_permutation(src_rows)
+            src_rows = inverse_permutation(src_rows)
         src_rows = None if src_rows is None else src_rows.reshape(shape)
         return OP(rows, weights, ids, lo, hi, src_rows, c.zero_dead_rows, c.renormalize)
 

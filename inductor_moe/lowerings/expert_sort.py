@@ -2,11 +2,9 @@
 
 Grouped-GEMM blocks sort their T*K (token, slot) pairs by a key that is the pair's local expert, or a sentinel
 for the experts of other ranks: ``argsort(where((local >= 0) & (local < E), local, E), stable=True)``
-(examples/moe_blocks.py, and the runner, moe.py). The key is int64 and torch's sort takes longer the wider its
-keys. H200, CUDA graph, eager stable argsort of keys in [0, 16] by key dtype, int64 / int32 / int16 / uint8:
-n = 2 10.7 / 8.1 / 6.8 / 6.3 us, n = 128 12.8 / 8.9 / 7.4 / 6.7, n = 2048 31.9 / 20.1 / 14.8 / 11.6,
-n = 32768 64.7 / 39.9 / 26.0 / 17.1; compiled, this rewrite takes n = 2048 from 33.1 to 12.9 us and n = 32768
-from 66.6 to 18.0 (benchmarks/bench_expert_sort.py; to 128 pairs with static shapes Inductor sorts in Triton).
+(inductor_moe/testing.py's GroupedMoE). The key is int64 and torch's sort takes longer the wider its keys
+(H200, CUDA graph, a compiled block's stable argsort of 2048 keys: 33.1 us in int64, 12.9 in uint8;
+benchmarks/bench_expert_sort.py).
 
 When the key's values provably lie in a small range, the same stable sort over the key cast to the narrowest
 integer dtype that holds the range returns the same indices: the cast keeps every value the key can take
@@ -26,7 +24,8 @@ import operator
 
 import torch
 
-from .. import config, moe
+from .. import config
+from ..indexing import narrow_key_dtype
 from . import expert_mask, matching, report
 from .matching import known, val
 
@@ -79,7 +78,7 @@ def _narrow_dtype(sort: torch.fx.Node) -> torch.dtype | str:
     if not isinstance(bounds, tuple):
         return bounds
     lo, hi = bounds
-    dtype = moe.narrow_key_dtype(lo, hi, kv.dtype)
+    dtype = narrow_key_dtype(lo, hi, kv.dtype)
     return dtype if dtype is not None else f"the key's values [{lo}, {hi}] need its own dtype {kv.dtype}"
 
 

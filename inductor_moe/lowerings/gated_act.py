@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch._inductor.pattern_matcher import MULTIPLE, CallFunction, KeywordArg, Match, PatternMatcherPass
 
-from .. import ops, reference
+from .. import reference
+from ..indexing import rows_layout_ok
 from . import expert_mask, matching
 
 aten = torch.ops.aten
@@ -140,7 +141,7 @@ def _check_halves(match: Match) -> torch.fx.Node | str:
         and matching.known(up_length == d)
     ):
         return f"gate and up are not the first and second half of the last dim ({xv.shape[-1]})"
-    if not ops.rows_layout_ok(xv, holds=matching.known):
+    if not rows_layout_ok(xv, holds=matching.known):
         return f"the input's layout (strides {list(xv.stride())}) is not rows of a contiguous last dim"
     return x
 

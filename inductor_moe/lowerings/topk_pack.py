@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch._inductor.pattern_matcher import Match, PatternMatcherPass
 
-from .. import ops, reference
+from .. import reference
+from ..indexing import flat_row_stride
 from . import matching
 
 OP = torch.ops.inductor_moe.pack_topk_ids_weights.default
@@ -64,7 +65,7 @@ def _check(match: Match) -> bool | str:
     if ids.device != w.device:
         return f"ids on {ids.device}, weights on {w.device}"
     for name, t in (("ids", ids), ("weights", w)):
-        if ops._flat_row_stride(t, holds=matching.known) is None:
+        if flat_row_stride(t, holds=matching.known) is None:
             return f"the {name}' leading dims do not flatten to one row stride (strides {list(t.stride())})"
     # A symbolic count is allowed: past 2**31-1 pairs (16 GB of int64 ids) the op raises its clear error
     # at run time instead of computing, as the other families' ops do past their 32-bit limits.

@@ -125,8 +125,6 @@ FilterCodes check_args(const at::Tensor& input, const at::Tensor* out, const std
   return {index_code(expert_ids->scalar_type()), index.has_value() ? index_code(index->scalar_type()) : 0};
 }
 
-constexpr uint32_t kActAndMulFamily = 0;
-
 void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act, FilterCodes codes,
                         const std::optional<at::Tensor>& expert_ids, int64_t expert_step, int64_t expert_lo,
                         int64_t expert_hi, const std::optional<at::Tensor>& index, bool zero_dead) {
@@ -140,22 +138,16 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   const int filter = codes.ids;
 
   // Filtered rows of at most 2048 elements get one warp each, eight rows a block, so dead rows cost a block per
-  // 8 instead of per 1-3. H100, bf16 untouched mode, dead rows sorted last as the runner sorts them: 32768x768
-  // with 7/8 dead 13.89 -> 5.61 us (0.26 -> 0.11 of all live); random dead 4096x2048: 87.5% 5.23 -> 4.45 us,
-  // 50% 11.12 -> 10.72. Longer rows keep the wide blocks: at 8192x14336 one warp a row was 4% slower.
+  // 8 instead of per 1-3 (H100 bf16, 32768x768 with 7/8 dead sorted last: 13.89 -> 5.61 us); longer rows keep
+  // the wide blocks (one warp a row was 4% slower at 8192x14336).
   const bool warp_per_row = filter != 0 && d <= 2048;
 
   // Elements a thread moves per access: 4 (8 bytes for 16-bit types, 16 for fp32) for fewer than 1024 rows,
   // 8 (16 bytes) from there, when every row of gate, up and out is aligned to that; else one element at a
   // time. Few rows do not fill the GPU, and there fewer elements a thread shortens each thread's chain of loads
-  // and math, which is the kernel's time. H100, bf16 in a CUDA graph, 8 -> 4 elements: silu 1x2048 1.41 ->
-  // 1.20 us, 16x768 1.44 -> 1.23, 64x2048 1.59 -> 1.39, gelu 1x2048 1.64 -> 1.14; filtered 128x768 (7/8 dead)
-  // 1.80 -> 1.57. From 1024 rows the kernel streams and 16-byte accesses did as well or better: silu 1024x768
-  // 2.25 (2.59 with 4), gelu 1024x2048 5.02 (5.66), filtered 4096x2048 half dead 10.97 (11.34); silu
-  // 1024x2048 4.9-5.0 either way.
-  // Unfiltered inputs of at most 32768 output elements move 2 (4 bytes): H200, bf16 in a CUDA graph, 4 -> 2
-  // elements: gelu 1x2048 1.20 -> 1.12 us, 8x768 1.21 -> 1.13, 16x768 1.24 -> 1.18, 2x14336 1.29 -> 1.20, silu
-  // 1-2% faster; filtered ones keep 4 (2x14336 through an index 1.36 -> 1.38).
+  // and math (H100 bf16, 1x2048 silu: 1.41 us with 8, 1.20 with 4); from 1024 rows the kernel streams and 16-byte
+  // accesses win (silu 1024x768: 2.25 us against 2.59). Unfiltered inputs of at most 32768 output elements move 2
+  // (H200 bf16, gelu 1x2048: 1.20 -> 1.12 us).
   const int64_t elements = rows >= 1024 ? 8 : filter == 0 && rows * d <= 32768 ? 2 : 4;
   const int vec =
       vector_width(input.element_size(), elements, {d, in_stride, out_stride}, {input.data_ptr(), out.data_ptr()});
@@ -191,16 +183,13 @@ void act_and_mul_launch(const at::Tensor& input, const at::Tensor& out, int act,
   p.zero_dead = zero_dead ? 1 : 0;
   // Filtered inputs of at most 2 MiB read their first pack ahead of the expert id, so the id and the data
   // arrive together instead of one after the other; larger inputs read only live rows, whose bandwidth is the
-  // filter's point. H200 bf16, CUDA graph, input just written, ids through a sort's indices, µs without / with
-  // reading ahead (2026-12-04): all rows live, it wins at every size (32x14336 2.08 -> 1.95, 512x768 1.98 ->
-  // 1.86, 8192x768 8.54 -> 8.26); 1/8 live (expert parallelism), it wins up to 1.75 MiB (32x14336 1.86 -> 1.82,
-  // 512x768 1.89 -> 1.76), breaks even at 3.5 MiB (64x14336 2.11 -> 2.14) and loses above (2048x768 2.27 ->
-  // 2.46); every row dead, it costs 0.1-0.3 us up to 2 MiB (32x14336 1.47 -> 1.73).
+  // filter's point. With 1/8 of the rows live it wins up to 1.75 MiB and breaks even at 3.5 MiB (H200 bf16,
+  // 32x14336: 1.86 -> 1.82 us; 64x14336: 2.11 -> 2.14).
   p.read_ahead = filter != 0 && rows * two_d * static_cast<int64_t>(input.element_size()) <= (int64_t{2} << 20);
   void* args[] = {&p};
   // The next kernel is the down projection's GEMM, launched plain: captured after a plain kernel (the up
   // projection's GEMM), this launch is plain too and saves PDL's 0.2 us there (launcher.h).
-  launch_kernel(input.device(), kActAndMulFamily, "act_and_mul",
+  launch_kernel(input.device(), Family::act_and_mul,
                 {{"IM_DTYPE", dtype, 2},
                  {"IM_ACT", act, 2},
                  {"IM_FILTER", filter, 2},

@@ -19,13 +19,10 @@ enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2 };
 template <int DTYPE, int ACT>
 __device__ __forceinline__ float activation(float x) {
   if constexpr (ACT == kSilu) {
-    // __fdividef (reciprocal + multiply, 2 ulp) instead of IEEE division: the division's refinement made
-    // silu the slowest activation at T=1 (1.63 us vs gelu 1.42 us for 1x2048 bf16 in a CUDA graph, H100).
-    // For 16-bit inputs exp is one ex2.approx of -x * log2(e) (2 ulp, plus the product's rounding: ~1e-6
-    // relative at |x| = 20, about 2**-13 of a bf16 ulp and 2**-10 of an fp16 one), not expf's range reduction: fewer
-    // instructions where silu is instruction-bound (H200, bf16, CUDA graph: 1024x2048 4.74 -> 4.55 us,
-    // 1x2048 0.92 -> 0.89, 64x2048 1.30 -> 1.26, 8192x14336 166.2 -> 165.5); fp32 keeps expf.
-    // Limits match: x -> -inf gives 1 + exp(-x) = inf and a zero result, as torch's x / (1 + exp(-x)).
+    // __fdividef (reciprocal + multiply, 2 ulp) instead of IEEE division, whose refinement made silu the slowest
+    // activation at T=1 (H100, 1x2048 bf16: 1.63 us against gelu's 1.42). For 16-bit inputs exp is one
+    // ex2.approx of -x * log2(e) (~1e-6 relative at |x| = 20, 2**-13 of a bf16 ulp), not expf's range reduction
+    // (H200, 1024x2048 bf16: 4.74 -> 4.55 us); fp32 keeps expf. x -> -inf gives 0, as torch's x / (1 + exp(-x)).
     float e;
     if constexpr (DTYPE == kFloat32) {
       e = expf(-x);
@@ -107,12 +104,9 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
     for (; j < packs; j += step) out[j] = zero;
     return;
   }
-  // One pack per iteration, its two loads tied together (tie() in common.cuh). The earlier loop of two packs
-  // had its four loads up front only in the source: under the 32-register cap ptxas issued each behind the
-  // previous one's math, and its remainder read packs 2 bytes at a time. H100 bf16, CUDA graph, that loop ->
-  // this one: 8192x768 13.02 -> 12.09 us, gelu 64x14336 2.70 -> 2.53, 8192x14336 with 7/8 of the rows dead
-  // 34.7 -> 33.7, 1024x2048 3.67 -> 3.41 from L2 but 4.98 -> 5.37 from DRAM; 1 and 64 rows and 8192x14336
-  // within 1%.
+  // One pack per iteration, its two loads tied together (tie() in common.cuh): a loop of two packs saw ptxas
+  // issue each load behind the previous one's math under the 32-register cap (H100, 8192x768 bf16: 13.02 us
+  // against 12.09 this way).
   if (ahead) {
     tie(g, u);
     out[j] = act_and_mul_pack<DTYPE, ACT>(g, u);
@@ -134,8 +128,7 @@ __device__ __forceinline__ void act_and_mul_kernel(const ActAndMulParams& p) {
 // 256 threads x 8 blocks fill an SM's 2048 threads, which caps registers at 32 a thread; unfiltered silu keeps 6
 // blocks (act_and_mul_params.h). Without a cap gelu (erff) took 42 and ran at 5/8 occupancy: 8192x2048 bf16
 // 37.95 us against Inductor's 35.08 us (H100). sm_100's ptxas spills at the 32-register cap (8 bytes in 6
-// variants with one pack in flight, up to 28 with the earlier two), so there the compiler chooses; not yet
-// measured on such a device.
+// variants), so there the compiler chooses; not measured on such a device.
 #if __CUDA_ARCH__ >= 1000
 #define IM_MIN_BLOCKS_PER_SM 1
 #else

@@ -6,12 +6,8 @@ namespace inductor_moe {
 
 // Blocks of 256 threads an SM that the sm_90 kernel is built to keep resident (its __launch_bounds__), which caps
 // its registers at 65536 / (blocks * 256), rounded down to 8: 8 blocks (a full SM, 32 registers) for every
-// variant but unfiltered silu, which gets 6 (40; it uses 37). H200, bf16, CUDA graph, inputs and outputs rotated
-// over twice the L2, two rounds, 32 -> 40 registers: silu 1024x2048 4.81-4.83 -> 4.53-4.56 us, 1024x768 1.87-1.90
-// -> 1.86-1.87, 8192x768 10.44-10.48 -> 10.20-10.35, 8192x2048 24.90-25.06 -> 24.54-24.70, 8192x14336 166.4 ->
-// 165.2; 1x2048 and 64x14336 unchanged. Not the others: filtered silu 4096x2048 with half the rows dead 8.02-8.06
-// -> 8.34-8.36, gelu 8192x2048 29.1 -> 29.5, gelu_tanh 8192x2048 26.1-26.2 -> 27.3-27.4 (and gelu 64x14336 2.78 ->
-// 3.12: 896 one-pack blocks then took two waves of 6 instead of one of 8).
+// variant but unfiltered silu, which gets 6 (40; it uses 37). 40 registers help unfiltered silu only (H200 bf16,
+// 1024x2048: 4.82 -> 4.55 us) and cost the others (gelu_tanh 8192x2048: 26.1 -> 27.3).
 constexpr int kActAndMulBlocksPerSm = 8;
 constexpr int kUnfilteredSiluBlocksPerSm = 6;
 

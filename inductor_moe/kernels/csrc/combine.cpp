@@ -17,8 +17,6 @@
 namespace inductor_moe {
 namespace {
 
-constexpr uint32_t kCombineFamily = 1;
-
 // An optional [tokens, k] index tensor: its variant code (0 absent, 1 int32, 2 int64) after the checks.
 int check_pairs(const char* name, const std::optional<at::Tensor>& t, const at::Tensor& weights) {
   if (!t.has_value()) return 0;
@@ -34,21 +32,15 @@ int check_pairs(const char* name, const std::optional<at::Tensor>& t, const at::
 // Threads a block, one an output pack of a token's row: 128 to 256 (at least 64 either way: the staged path loads
 // a round's 64 pairs one a thread).
 // - Staged pairs: 256 once 256-thread blocks give every SM one, else 128. Blocks of 128 beat smaller ones
-//   (more, on more SMs) at every decode size measured: the gathered Mixtral-like T=1, 2 elements, 1.54 us
-//   against 1.58 with 32 and 1.56 with 64 (H200, graph); the token-major rule below lost 1-1.7% here
-//   (gathered as the grouped blocks combine, 1/8 local: Qwen3-like T=32 2.17 -> 2.21, T=64 2.25 -> 2.28,
-//   Mixtral-like T=32 1.84 -> 1.86), where it picks 256 over 128 with fewer blocks than SMs.
+//   (more, on more SMs) at every decode size measured (H200, gathered Mixtral-like T=1: 1.54 us against 1.58
+//   with 32); the token-major rule below lost 1-1.7% here, where it picks 256 over 128 with fewer blocks than SMs.
 // - Token-major, past two waves' worth of 256-thread blocks: 256. The launch streams, and the most resident
 //   threads win (224, whose chunks fit 896 packs exactly, lost 1.5-4% at T=128-256, K=8, H=7168).
 // - Token-major, below that: the grid is one wave, and a launch takes its busiest SM's loads plus a cost a
 //   block (its dispatch; ~1.5 ns a block: K=2, H=4096 T=16 took 1.31 / 1.26 / 1.25 / 1.21 / 1.21 us at
 //   128 / 112 / 96 / 80 / 64 blocks of 128 / 160 / 192 / 224 / 256 threads), so the count is the one of least
 //       96 * blocks + ceil(blocks / SMs) * threads * bytes a thread loads,
-//   the smaller on a tie. Against the staged rule, H200, bf16 rows, fp32 weights, CUDA graph, median of five
-//   rounds in alternating order: K=8, H=7168 T=16 1.81 -> 1.77 us (224: 128 blocks, none idle, where 256
-//   leaves 20 SMs without one and 128 gives 92 two), T=32 2.09 -> 2.04, T=48 2.62 -> 2.46, T=64 3.90 ->
-//   3.77 (L2-resident 2.73 -> 2.49), fp16 T=64 3.63 -> 3.50; K=4, H=7168 T=16 1.46 -> 1.36; K=2, H=4096 T=16
-//   1.30 -> 1.20 (256: 64 blocks instead of 128); every other shape within the runs' 1.5%.
+//   the smaller on a tie (H200 bf16, K=8, H=7168, T=48: 2.46 us against 2.62 with the staged rule).
 int64_t block_threads(int64_t tokens, int64_t packs, int64_t sms, bool staged, int64_t bytes_per_thread) {
   if (staged) return packs > 128 && tokens * ((packs + 255) / 256) >= sms ? 256 : 128;
   if (tokens * ((packs + 255) / 256) > 2 * sms) return 256;
@@ -106,16 +98,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   // Elements a thread accumulates per access: 8 (16-byte accesses for 16-bit types) once the tokens give
   // 256 threads' worth an SM, 2 for staged pairs while they give fewer than 64, else 4: a latency-bound launch
   // waits for each thread's chain of loads and FMAs, and a thread reading its eight rows' weights itself
-  // (token-major) gains less from a shorter one. H200, bf16 rows, fp32 weights, CUDA graph, the previous rule
-  // (8 only for staged pairs, else 4, blocks down to 32 or 64 threads) -> 8 / 2 / 4 with the blocks below:
-  // token-major K=8, H=7168 T=1 1.47 -> 1.40 us, T=16 2.04 -> 1.81, T=64 2.69 -> 2.59 (inputs in L2), T=256
-  // 9.35 -> 8.92, T=8192 243.6 -> 239.8; half the pairs dead T=16 2.31 -> 2.07; token-major K=2, H=4096 T=16
-  // 1.90 -> 1.43; gathered as the grouped block combines (1/8 local, renormalised) Mixtral-like T=1 1.55 ->
-  // 1.51, Qwen3-like T=1 1.96 -> 1.85. Then 2 -> 4 for staged pairs from 64 threads' worth an SM (the same
-  // device, eight input sets): gathered Mixtral-like T=32 1.86 -> 1.84, T=64 2.25 -> 1.89 (2.22 under the
-  // previous rule), Qwen3-like T=64 2.31 -> 2.26, T=128 2.87 -> 2.39; half the pairs dead T=16 2.05 ->
-  // 2.03, T=32 2.49 -> 2.20. Kept at 2 below that: Qwen3-like T=16 2.09 (2.14 with 4), T=32 2.15 (2.23),
-  // Mixtral-like T=16 1.80 (1.83).
+  // (token-major) gains less from a shorter one (H200 bf16, token-major K=8, H=7168, T=16: 1.81 us against 2.04
+  // with 4; staged Qwen3-like T=128 with 4 rather than 2: 2.39 against 2.87, at T=16 2.09 with 2, 2.14 with 4).
   const int64_t sms = multiprocessor_count(expert_out.device());
   const bool staged = filter != 0 || rows_code != 0;
   const int64_t packs8 = (h + 7) / 8;
@@ -153,19 +137,14 @@ at::Tensor moe_combine_cuda(const at::Tensor& expert_out, const at::Tensor& topk
   // this grid has completed and its writes are visible, instead of launching when this one ends. That needs
   // every PDL launch after it to wait before its first read, as the packing kernel's trigger at once does: ours
   // do, and so do Inductor's under backend="inductor_moe" (backend.py; stock Inductor with its PDL on has
-  // kernels that skip the wait, unsafe with any trigger). H200, CUDA graph, median of five rounds, trigger at
-  // the end -> after the wait, a chain of combines / each combine followed by an Inductor add under
-  // backend="inductor_moe": token-major K=8, H=7168 T=1 1.39 -> 1.19 / 2.26 -> 2.07 us, T=16 1.68 -> 1.49 /
-  // 2.74 -> 2.50, T=64 3.80 -> 3.49 / 5.62 -> 5.34; gathered as the grouped blocks combine, 1/8 local,
-  // Mixtral-like T=1 1.61 -> 1.32 / 2.57 -> 2.32, T=16 1.90 -> 1.58 / 2.97 -> 2.61, Qwen3-like T=1 1.93 -> 1.75
-  // / 2.87 -> 2.73; half the pairs dead T=1 1.85 -> 1.51 / 2.72 -> 2.50. The blocks themselves, 1/8 local, T=1
-  // and 16: 0.4-1.3 us faster. Larger grids keep the trigger at the end: the activation lost with an early one
-  // at 6.8 blocks an SM (act_and_mul.cu), and a grid of several waves gained nothing (T=1024 32.11 -> 32.10).
+  // kernels that skip the wait, unsafe with any trigger). H200, a combine followed by an Inductor add, gathered
+  // Mixtral-like T=16 with 1/8 local: 2.97 us with the trigger at the end, 2.61 after the wait. Larger grids keep
+  // the trigger at the end: the activation lost with an early one at 6.8 blocks an SM (act_and_mul.cu).
   p.early_trigger = tokens * chunks <= 2 * sms ? 1 : 0;
   void* args[] = {&p};
   // Always PDL: the next kernel is the model's, under backend="inductor_moe" usually an Inductor kernel launched
   // with PDL, which a plain launch here would cost more (~0.45 us) than it saves (0.2; launcher.h).
-  launch_kernel(expert_out.device(), kCombineFamily, "combine",
+  launch_kernel(expert_out.device(), Family::combine,
                 {{"IM_DTYPE", dtype, 2},
                  {"IM_WDTYPE", wdtype, 2},
                  {"IM_FILTER", filter, 2},

@@ -52,12 +52,10 @@ __device__ __forceinline__ long long source_row(const CombineParams& p, long lon
 // where w(s) is weight_of(s), divided by `divisor` with RENORM (renormalized above; the first group, s0 = 0,
 // sets it from divisor_of()). The G rows are read first (in the staged path, from shared memory: read next to
 // each row load, each pair's read and load sat in a branch of their own, and every row load waited for its
-// read; H200, K=8, H=7168 bf16 with half the pairs dead: T=8192 184 us, 179 with the reads first). Then the G
-// row loads (and weight loads, when those come from global memory) are all issued before any arithmetic, the
-// divisor and the divisions included: a division between two row loads (the IEEE sequence branches to its slow
-// path) waited for its weight before the next row load left, one memory latency a pair. H200, token-major,
-// renormalised, bf16 in a CUDA graph: T=1, K=2, H=4096 1.78 -> 1.49 us (1.20 without renormalising); K=8,
-// H=2048 3.08 -> 1.95; T=16, K=2 2.33 -> 2.11. row(s) < 0 marks a dead pair, whose row is not read; with
+// read). Then the G row loads (and weight loads, when those come from global memory) are all issued before any
+// arithmetic, the divisor and the divisions included: a division between two row loads (the IEEE sequence
+// branches to its slow path) waited for its weight before the next row load left, one memory latency a pair
+// (H200 bf16, token-major, renormalised, T=1, K=8, H=2048: 3.08 us against 1.95). row(s) < 0 marks a dead pair, whose row is not read; with
 // ZERO_DEAD (zero_dead_rows) it adds w(s) * 0, which is +0 (no change: acc starts at +0 and a sum never turns
 // it into -0) unless the weight is NaN or infinite.
 template <int G, bool FULL, int DTYPE, int WDTYPE, int VEC, int RENORM, int ZERO_DEAD, typename RowFn,
@@ -139,10 +137,8 @@ __device__ __forceinline__ void accumulate(const CombineParams& p, int pack, int
 // such pair of those it staged (threadIdx.x, + kStage, ...), report it and trap, which poisons the context, so
 // the output, written with that pair read as dead, is never used. Checked where it was staged instead, the
 // compare and its branch to the printf sat between the pair loads and the shared-memory stage of every staged
-// launch. H200, bf16, the grouped MoE blocks with 1/8 of the experts local, this kernel inside the compiled
-// block (PDL off), 3 rounds each, branch there -> here: Mixtral-like T=1 1.63-1.70 -> 1.57-1.60 us, T=16
-// 2.37-2.40 -> 2.02, Qwen3-like T=1 2.18-2.24 -> 2.11, but T=16 2.34-2.40 -> 2.50-2.56 (BENCHMARKS.md,
-// nineteenth session). With no check at all: 1.60 / 1.89 / 2.08-2.11 / 2.24-2.27.
+// launch (H200 bf16, the Mixtral-like grouped block with 1/8 of the experts local, T=16: 2.37 us there, 2.02
+// here).
 // Its arguments are scalars: a reference to the kernel's parameters would make ptxas copy them to the stack (176
 // bytes) in every launch.
 template <int ROWS, int FILTER>
@@ -207,8 +203,8 @@ __device__ __forceinline__ void combine_kernel(const CombineParams& p) {
         const int j = base + threadIdx.x;
         // The pair's id, source row and weight (and the weights' sum) are loaded together, live or not (they
         // are [T, K] arrays, in bounds for every pair): one memory latency instead of a chain of the sum, the id,
-        // then row and weight. H100, gathered, filtered and renormalised as a grouped MoE block combines
-        // (bf16, 7/8 of the experts remote): T=1, K=8, H=2048 2.33 -> 2.09 us, T=16 2.54 -> 2.29. The division
+        // then row and weight (H100 bf16, as a grouped block with 7/8 remote combines, T=1, K=8, H=2048: 2.33 us
+        // against 2.09). The division
         // stays here, ahead of the barrier, rather than after every thread's row loads: there its IEEE sequence
         // (and the call of its slow path) made ptxas spill the eight rows under the 64-register cap (92-196
         // bytes in the 16-byte variants that large T uses).

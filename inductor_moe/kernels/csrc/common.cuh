@@ -94,7 +94,7 @@ __device__ __forceinline__ long long load_expert_id(const void* expert_ids, long
                    : static_cast<const long long*>(expert_ids)[offset];
 }
 
-// The expert filter of DESIGN.md: an id is live iff it lies in [lo, hi), a range that wraps around when lo > hi
+// The expert filter (docs/design.md): an id is live iff it lies in [lo, hi), a range that wraps around when lo > hi
 // (live iff id >= lo or id < hi; that is how the lowerings express `id != c`). One unsigned compare of the
 // differences mod 2^64 covers both cases.
 __device__ __forceinline__ bool id_is_live(long long id, long long lo, long long hi) {

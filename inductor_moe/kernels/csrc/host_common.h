@@ -45,7 +45,7 @@ inline int vector_width(int64_t element_size, int64_t wanted, std::initializer_l
 
 // An uninitialised contiguous tensor of `like`'s dtype on its (CUDA) device: aten::empty's CUDA kernel called
 // directly. Tensor::new_empty dispatches twice (new_empty, then empty) to get there, ~0.4 us of an eager call's
-// ~7 (H200 VM, 2026-12-02); the CUDA kernel is still torch's, so the allocator in use
+// ~7 on an H200 VM; the CUDA kernel is still torch's, so the allocator in use
 // (torch.cuda.memory.change_current_allocator) and the deterministic fill of uninitialised memory apply.
 inline at::Tensor empty_cuda_like(const at::Tensor& like, c10::IntArrayRef shape) {
   return at::_ops::empty_memory_format::redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA),

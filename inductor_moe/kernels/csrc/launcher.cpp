@@ -134,7 +134,7 @@ void make_current(const DeviceInfo& info) {
 }
 
 // The cache key of a variant: device, family and the defines' values packed bit field after bit field.
-uint64_t variant_key(int device, uint32_t family_id, std::initializer_list<Define> defines) {
+uint64_t variant_key(int device, Family family, std::initializer_list<Define> defines) {
   uint64_t variant = 0;
   int shift = 0;
   for (const Define& d : defines) {
@@ -143,7 +143,7 @@ uint64_t variant_key(int device, uint32_t family_id, std::initializer_list<Defin
     variant |= static_cast<uint64_t>(d.value) << shift;
     shift += d.bits;
   }
-  return (static_cast<uint64_t>(device) << 48) | (static_cast<uint64_t>(family_id) << 32) | variant;
+  return (static_cast<uint64_t>(device) << 48) | (static_cast<uint64_t>(family) << 32) | variant;
 }
 
 std::string format_defines(std::initializer_list<Define> defines) {
@@ -157,9 +157,19 @@ std::string format_defines(std::initializer_list<Define> defines) {
   return out;
 }
 
-CUfunction get_function(int device, const DeviceInfo& info, uint32_t family_id, const char* family,
+const char* family_name(Family family) {
+  static constexpr const char* kNames[] = {
+#define INDUCTOR_MOE_FAMILY_NAME(name) #name,
+      INDUCTOR_MOE_FAMILIES(INDUCTOR_MOE_FAMILY_NAME)
+#undef INDUCTOR_MOE_FAMILY_NAME
+  };
+  return kNames[static_cast<uint32_t>(family)];
+}
+
+CUfunction get_function(int device, const DeviceInfo& info, Family family_id,
                         std::initializer_list<Define> define_list) {
   const uint64_t key = variant_key(device, family_id, define_list);
+  const char* family = family_name(family_id);
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     auto it = g_functions.find(key);
@@ -268,11 +278,11 @@ CUstream current_stream(const c10::Device& device) {
 
 int multiprocessor_count(const c10::Device& device) { return device_info(device.index()).sms; }
 
-void launch_kernel(const c10::Device& device, uint32_t family_id, const char* family,
-                   std::initializer_list<Define> defines, Dim3 grid, Dim3 block, void** args, Pdl pdl) {
+void launch_kernel(const c10::Device& device, Family family, std::initializer_list<Define> defines, Dim3 grid,
+                   Dim3 block, void** args, Pdl pdl) {
   const DeviceInfo& info = device_info(device.index());
   make_current(info);
-  CUfunction fn = get_function(device.index(), info, family_id, family, defines);
+  CUfunction fn = get_function(device.index(), info, family, defines);
   CUlaunchAttribute attr;
   attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
   attr.value.programmaticStreamSerializationAllowed = 1;

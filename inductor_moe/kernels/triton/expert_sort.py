@@ -4,11 +4,11 @@ One program holds every pair: it maps each id to its group (the local expert, or
 sorts ``(group << LOG) | pair`` (distinct values, so the order is the stable sort by group, ties by pair), and
 writes the permutation, its inverse and the groups' end rows. What this replaces in the runner is a chain of
 ~10 ATen launches (the key's elementwise ops, a radix sort, a histogram, a cumsum, the inverse's arange and
-scatter; BENCHMARKS.md, twenty-first session). Larger inputs than one program holds take that chain instead
-(ops.py), which is where a radix sort over many blocks wins.
+scatter). Larger inputs than one program holds take that chain instead (ops/expert_sort.py), which is where a
+radix sort over many blocks wins.
 
 No PDL: in the runner the kernel sits between ATen launches (the router's top-k before it, the gather of the
-rows after), all plain, and a PDL launch after a plain one costs ~0.2 µs (twelfth session). The same kernel
+rows after), all plain, and a PDL launch after a plain one costs ~0.2 µs (csrc/launcher.h). The same kernel
 runs under ``TRITON_INTERPRET=1`` on the CPU, which is how CI tests it.
 """
 
@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 
 # Past this many pairs (or groups) the op takes the ATen chain: a one-program bitonic sort runs on one SM.
-# H200, CUDA graph, 16 of 128 experts local, µs of this kernel against the eager chain (2026-12-04,
-# benchmarks/bench_expert_sort.py and a scratch sweep): 2 pairs 1.41 / 23.65, 128 2.15 / 24.16, 256 4.19 /
-# 30.36, 512 4.23 / 32.80, 1024 10.33 / 33.73, 1536 31.78 / 35.21, 2048 32.07 / 35.17, 4096 80.40 / 35.83.
+# H200, CUDA graph, 16 of 128 experts local, µs of this kernel against the eager chain: 1024 pairs 10.3 / 33.7,
+# 2048 pairs 32.1 / 35.2.
 MAX_PAIRS = 1024
 MAX_GROUPS = 1022  # histogram bins: the groups, the dead group, the padding's bin, in 1024
 

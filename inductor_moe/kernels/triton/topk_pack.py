@@ -1,7 +1,7 @@
 """Triton kernel of ``inductor_moe::pack_topk_ids_weights``: int32 ``(id << 16) | bf16_bits(weight)``.
 
-Launched by ops.py inside an opaque custom op (not ``triton_op``: Inductor would re-launch the kernel without
-``launch_pdl``, FACTS.md). PDL on sm90+: ``gdc_wait`` before the first load, then at once
+Launched by ops/topk_pack.py inside an opaque custom op (not ``triton_op``: Inductor would re-launch the kernel
+without ``launch_pdl``). PDL on sm90+: ``gdc_wait`` before the first load, then at once
 ``gdc_launch_dependents``. The same kernel runs under ``TRITON_INTERPRET=1`` on the CPU with PDL off, which
 is how CI tests it: there ``.to(tl.bfloat16)`` truncates, so the rounding is done in integers, everywhere.
 """
@@ -80,16 +80,9 @@ def topk_pack_kernel(
 
 
 # 256 elements a program (two a thread; T=8192, K=8 is 256 programs), and one element a thread for
-# small inputs: a thread's chain of masked loads is the latency of the launch. H100, CUDA graph with PDL, µs
-# per kernel (2026-11-23): T=1 (8 elements) with 1024 elements over 4 warps 1.35, with 32 over one warp 0.80;
-# T=1024 with 1024 over 4 warps 0.90, with 256 over 4 warps 0.73; T=8192 1.02 -> 0.89. 128 elements a program
-# (one a thread) were slower from T=1024 (0.80, 0.98), and so were bigger programs with 8 warps (T=8192 with
-# 1024 over 8 warps 0.95). A contiguous-input path without the row/column arithmetic, which lets Triton
-# vectorize, matched the strided one at this size (T=8192 0.94 vs 0.89-0.94), so there is one path.
-# Past 32 such programs (T > 1024, K=8), 512 elements a program over 8 warps (two a thread, half the programs):
-# H200, CUDA graph with PDL, 2026-12-03, µs a kernel against 256 over 4 warps: T=2048 0.705 / 0.701, T=4096
-# 0.723 / 0.753, T=8192 0.759 / 0.790, T=32768 1.016 / 1.506 (512 over 4 warps there 1.102; 1024 over 8 or 16
-# warps slower at every T); at T=1024 0.687 / 0.686.
+# small inputs: a thread's chain of masked loads is the latency of the launch (H100, T=1: 0.80 us with 32
+# elements over one warp, 1.35 with 1024 over 4). Past 32 such programs (T > 1024, K=8), 512 elements a program
+# over 8 warps (H200, T=32768: 1.02 us against 1.51 with 256 over 4).
 _MAX_BLOCK = 256
 _LARGE_BLOCK = 512
 

@@ -1,13 +1,14 @@
-"""Two MoE blocks written the way model libraries write them in plain PyTorch, without our ops.
+"""MoE blocks written the way model libraries write them in plain PyTorch, without our ops: what the demo,
+the tests and the benchmarks compile to see the rewrites at work.
 
 - :class:`LoopMoE` (Mixtral/Qwen-MoE style in HF transformers): route, then a Python loop over the experts, each
   with a fused gate/up projection split by ``chunk``, and an ``index_add_`` combine.
 - :class:`GroupedMoE` (vLLM/torchtitan style): rows sorted by expert, two grouped GEMMs, expert parallelism
   (this rank owns experts [lo, hi); other experts' rows carry a sentinel and are masked before the
   activation), and a view * weights, sum over k combine.
+- :func:`moe_tail`: the pointwise tail of such a block alone.
 
-Both take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I]. :func:`moe_tail` is the
-pointwise tail of such a block alone (what tests/test_lowering_cuda.py and benchmarks/bench_backend.py compile).
+Both blocks take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
 """
 
 from __future__ import annotations
