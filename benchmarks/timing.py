@@ -163,12 +163,26 @@ def _driver() -> str:
         return "unknown"
 
 
+def _without_out(argv: list[str]) -> list[str]:
+    """The arguments that decide what runs: ``--out FILE`` left out."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--out="):
+            skip = False
+            continue
+        if arg == "--out":
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
+
+
 def metadata(method: str = METHOD) -> dict:
     """What a table needs to be read later: command, device, versions, method, date."""
     import triton
 
     return {
-        "command": "python3 " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": "python3 " + " ".join([Path(sys.argv[0]).as_posix(), *_without_out(sys.argv[1:])]),
         "device": device_name(),
         "driver": _driver(),
         "torch": torch.__version__,

@@ -1,4 +1,5 @@
-"""A short eager tour of the gated-activation ops (the README's first command until the MoE demo lands).
+"""A short eager tour of the gated-activation ops: the plain op, the expert filter, and out= with dead rows left
+untouched.
 
 Runs on CUDA when there is a GPU (the first call builds the kernels, later runs load them from the cache)
 and on the CPU reference otherwise.
