@@ -15,6 +15,7 @@ first use: ``import inductor_moe`` stays free of torch._inductor (~1.4 s). The M
 from .ops import (
     act_and_mul,
     expert_sort,
+    fused_experts,
     gelu_and_mul,
     gelu_tanh_and_mul,
     load_cuda_kernels,
@@ -46,6 +47,7 @@ __all__ = [
     "enable",
     "expert_sort",
     "explain",
+    "fused_experts",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "load_cuda_kernels",

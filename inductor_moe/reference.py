@@ -184,3 +184,38 @@ def moe_ref(
         y = (activation_ref(h[:, :inter], activation) * h[:, inter:]) @ w2[e].float().T
         out.index_add_(0, tokens, weights[tokens, slots, None] * y)
     return out.to(hidden.dtype)
+
+
+def fused_experts_ref(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    expert_lo: int = 0,
+    renormalize: bool = False,
+    w3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A MoE layer's routed experts: ``out[t] = sum_k live(t, k) * w[t, k] * expert_{id - lo}(hidden[t])``, with
+    ``expert_e(x) = (act(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T``; [T, H] in hidden's dtype.
+
+    gate_e and up_e are the halves of ``w13[e]`` ([2I, H]: gate rows, then up rows), or ``w13[e]`` and ``w3[e]``
+    ([I, H] each). A pair is live iff ``lo <= id < lo + E`` (E = w13's experts): ``-1``, the ``id >= E`` sentinel
+    and other ranks' experts are dead, never computed or read. Rounding, as the kernels compute: the gate and up
+    projections accumulate in fp32, ``act(gate) * up`` in fp32 is rounded once to hidden's dtype (the down
+    projection's input), the down projection accumulates in fp32 and is rounded to hidden's dtype (one row a
+    pair), and the weighted sum over k is :func:`moe_combine_ref`'s (fp32, rounded once; with ``renormalize``
+    the weights are first divided by their sum over k, dead pairs included)."""
+    tokens, k = topk_ids.shape
+    experts = w13.shape[0]
+    gate_w, up_w = (w13.chunk(2, dim=1)) if w3 is None else (w13, w3)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    ids = topk_ids.reshape(-1).long() - expert_lo
+    y = torch.zeros(tokens * k, w2.shape[1], dtype=hidden.dtype, device=hidden.device)
+    for e in range(experts):
+        (pairs,) = torch.nonzero(ids == e, as_tuple=True)
+        x = hidden[pairs // k].to(acc)
+        a = (activation_ref(x @ gate_w[e].to(acc).T, activation) * (x @ up_w[e].to(acc).T)).to(hidden.dtype)
+        y[pairs] = (a.to(acc) @ w2[e].to(acc).T).to(hidden.dtype)
+    return moe_combine_ref(y, topk_weights, topk_ids, expert_lo, expert_lo + experts, renormalize=renormalize)

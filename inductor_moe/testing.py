@@ -6,6 +6,7 @@ the tests and the benchmarks compile to see the rewrites at work.
 - :class:`GroupedMoE` (vLLM/torchtitan style): rows sorted by expert, two grouped GEMMs, expert parallelism
   (this rank owns experts [lo, hi); other experts' rows carry a sentinel and are masked before the
   activation), and a view * weights, sum over k combine.
+- :func:`grouped_experts`: GroupedMoE's experts alone, from the routed ids and weights.
 - :func:`moe_tail`: the pointwise tail of such a block alone.
 
 Both blocks take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
@@ -48,21 +49,27 @@ class GroupedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         weights, ids = _route(logits, self.top_k)
-        tokens, k = ids.shape
-        num_local = self.w13.shape[0]
-        local = ids - self.lo
-        sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
-        order = torch.argsort(sentinel, stable=True)
-        counts = torch.zeros(num_local + 1, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, sentinel, torch.ones_like(sentinel, dtype=torch.int32))
-        offs = counts[:num_local].cumsum(0, dtype=torch.int32)
-        h = F.grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=offs)
-        remote = sentinel[order] == num_local  # rows past offs[-1]: not computed by the grouped GEMM
-        h = h.masked_fill(remote[:, None], 0)
-        gate, up = h.chunk(2, dim=-1)
-        y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
-        y = torch.where(remote[:, None], 0, y)[torch.argsort(order)]  # back to token-major pairs
-        return (y.view(tokens, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+        return grouped_experts(x, weights, ids, self.w13, self.w2, self.lo)
+
+
+def grouped_experts(x, weights, ids, w13, w2, lo: int = 0):
+    """GroupedMoE's experts alone, from routed (weights, ids) [T, K] to [T, H]: the local experts are
+    lo..lo + E - 1 of w13 [E, 2I, H] and w2 [E, H, I]."""
+    tokens, k = ids.shape
+    num_local = w13.shape[0]
+    local = ids - lo
+    sentinel = torch.where((local >= 0) & (local < num_local), local, num_local).view(-1)
+    order = torch.argsort(sentinel, stable=True)
+    counts = torch.zeros(num_local + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, sentinel, torch.ones_like(sentinel, dtype=torch.int32))
+    offs = counts[:num_local].cumsum(0, dtype=torch.int32)
+    h = F.grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
+    remote = sentinel[order] == num_local  # rows past offs[-1]: not computed by the grouped GEMM
+    h = h.masked_fill(remote[:, None], 0)
+    gate, up = h.chunk(2, dim=-1)
+    y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
+    y = torch.where(remote[:, None], 0, y)[torch.argsort(order)]  # back to token-major pairs
+    return (y.view(tokens, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
 
 
 def moe_tail(h, row_ids, topk_ids, w, expert_out):

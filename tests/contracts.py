@@ -438,6 +438,104 @@ def _sort_compiles(device):
     }
 
 
+# ------------------------------------------------------------------------------------------------------------
+# fused_experts
+
+
+def _experts_layer(tokens, device, dtype=torch.bfloat16, experts=6, hidden=40, inter=24, top_k=3):
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).to(dtype).to(device)
+    w13 = (torch.randn(experts, 2 * inter, hidden, generator=gen) / 6).to(dtype).to(device)
+    w2 = (torch.randn(experts, hidden, inter, generator=gen) / 5).to(dtype).to(device)
+    w, ids = torch.topk(torch.randn(tokens, experts + 2, generator=gen).softmax(-1), top_k)
+    return x, w13, w2, w.to(device), ids.to(device)
+
+
+def _experts_samples(device):
+    op = torch.ops.inductor_moe.fused_experts.default
+    x, w13, w2, w, ids = _experts_layer(7, device)
+    x32, w13_32, w2_32, w32, ids32 = _experts_layer(5, device, torch.float32)
+    inter = w13.shape[1] // 2
+    return {
+        "bf16, -1 and sentinel ids": (op, (x, w13, w2, w, ids.masked_fill(ids == 2, -1), "silu", 0, False)),
+        "fp32, local range, renormalize": (op, (x32, w13_32, w2_32, w32, ids32.int(), "gelu", 1, True)),
+        "w3, transposed w2": (
+            op,
+            (
+                x,
+                w13[:, :inter].contiguous(),
+                w2.transpose(1, 2).contiguous().transpose(1, 2),
+                w,
+                ids,
+                "gelu_tanh",
+                0,
+                False,
+                w13[:, inter:].contiguous(),
+            ),
+        ),
+    }
+
+
+def _experts_bad_inputs(device):
+    other = _other(device)
+    x, w13, w2, w, ids = _experts_layer(4, device)
+    fe = im.fused_experts
+    return {
+        "experts differ": Case(lambda: fe(x, w13, w2[:5], w, ids), "w13 has 6 experts but w2 has 5"),
+        "hidden size": Case(lambda: fe(x[:, :39], w13, w2, w, ids), "w13's hidden size 40 does not match hidden's 39"),
+        "w2 shape": Case(lambda: fe(x, w13, w2[:, :, :23], w, ids), r"w2 must have shape \[6, 40, 24\]"),
+        "k differs": Case(lambda: fe(x, w13, w2, w[:, :2], ids), r"topk_weights \[4, 2\] and topk_ids \[4, 3\] differ"),
+        "tokens differ": Case(lambda: fe(x[:3], w13, w2, w, ids), "topk_ids has 4 tokens but hidden has 3"),
+        "float ids": Case(lambda: fe(x, w13, w2, w, ids.float()), "topk_ids must be int32 or int64"),
+        "weights device": Case(lambda: fe(x, w13.to(other), w2, w, ids), "w13 must be on"),
+        "routing weights device": Case(lambda: fe(x, w13, w2, w.to(other), ids), "topk_weights must be on"),
+        "2I odd": Case(lambda: fe(x, w13[:, :47], w2, w, ids), "w13's dim 1 must be even"),
+        "w3 shape": Case(lambda: fe(x, w13[:, :24], w2, w, ids, w3=w13[:, :23]), "w3 must have w13's shape"),
+        "weights dtype": Case(lambda: fe(x, w13.float(), w2, w, ids), "w13 dtype torch.float32 must match"),
+        "hidden dtype": Case(lambda: fe(x.double(), w13, w2, w, ids), "hidden dtype must be"),
+        "hidden 3-D": Case(lambda: fe(x[None], w13, w2, w, ids), "hidden must be 2-D"),
+        "activation": Case(lambda: fe(x, w13, w2, w, ids, "relu"), "activation must be one of"),
+        "k past 16": Case(lambda: fe(x, w13, w2, w.repeat(1, 6), ids.repeat(1, 6)), "at most 16 experts a token"),
+        "negative expert_lo": Case(
+            lambda: torch.ops.inductor_moe.fused_experts(x, w13, w2, w, ids, "silu", -1), "expert_lo must be in"
+        ),
+        "a gradient": Case(lambda: fe(x.float().requires_grad_(), w13.float(), w2.float(), w, ids), "has no gradient"),
+    }
+
+
+def _experts_limits():
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    ids = torch.empty(2**28, 8, dtype=torch.int32, device="meta")
+    w = torch.empty(2**28, 8, device="meta")
+    x = torch.empty(2**28, 64, **meta)
+    w13, w2 = torch.empty(8, 64, 64, **meta), torch.empty(8, 64, 32, **meta)
+    return {
+        "pairs past 2**31-1": Case(lambda: im.fused_experts(x, w13, w2, w, ids), r"at most 2\*\*31-1 routed pairs"),
+        "513 experts": Case(
+            lambda: im.fused_experts(
+                x[:4], torch.empty(513, 64, 64, **meta), torch.empty(513, 64, 32, **meta), w[:4], ids[:4]
+            ),
+            "w13 must hold 1 to 512 experts",
+        ),
+        "2**28 x 4 pairs": Case(
+            lambda: im.fused_experts(x, w13, w2, w[:, :4], ids[:, :4]), expect=lambda y: y.shape == (2**28, 64)
+        ),
+    }
+
+
+def _experts_compiles(device):
+    _, w13, w2, _, _ = _experts_layer(1, device)
+
+    def f(x, w, ids):
+        return im.fused_experts(x * 2, w13, w2, w, ids, "silu", None, True)
+
+    def make(t):
+        x, _, _, w, ids = _experts_layer(t, device)
+        return x, w, ids
+
+    return {"T 1..4096": Compile(f, make, (1, 2, 7, 37, 1000, 4096), _exact)}
+
+
 CONTRACTS = [
     OpContract(
         "act_and_mul",
@@ -461,6 +559,13 @@ CONTRACTS = [
         _combine_limits,
         _combine_compiles,
         _COMBINE_TRAPS,
+    ),
+    OpContract(
+        "fused_experts",
+        _experts_samples,
+        _experts_bad_inputs,
+        _experts_limits,
+        _experts_compiles,
     ),
     OpContract(
         "expert_sort",

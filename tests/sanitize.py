@@ -60,6 +60,17 @@ def main():
         for t in (ids, ids.t().contiguous().t()):
             got = im.expert_sort(t, (lo, hi))
             assert all(torch.equal(a, b) for a, b in zip(got, reference.expert_sort_ref(t, lo, hi)))
+    # fused_experts: partial row blocks, dead pairs, w3, a transposed w2, the heuristic's small and large tiles
+    for t, e, k, lo in ((1, 8, 2, 0), (37, 9, 4, 3), (300, 16, 6, 0)):
+        x = torch.randn(t, 72, device="cuda", dtype=torch.bfloat16)
+        w13 = torch.randn(e, 80, 72, device="cuda", dtype=torch.bfloat16) / 8
+        w2 = (torch.randn(e, 40, 72, device="cuda", dtype=torch.bfloat16) / 6).transpose(1, 2)
+        w, ids = torch.topk(torch.rand(t, e + 4, device="cuda"), k)
+        out = im.fused_experts(x, w13, w2, w, ids, "silu", (lo, lo + e), True)
+        split = im.fused_experts(x, w13[:, :40], w2, w, ids, "gelu", (lo, lo + e), False, w13[:, 40:])
+        ref = reference.fused_experts_ref(x, w13, w2, w, ids, "silu", lo, True)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
+        del split
     torch.cuda.synchronize()
     print("sanitize: done")
 

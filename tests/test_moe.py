@@ -55,5 +55,5 @@ def test_compiled_runner_is_one_graph_of_the_ops(device):
 
     out, report = compile_rewrite(layer, x, logits, w13, w2)  # fullgraph: no host sync, no graph break
     graph = report.graphs[0]
-    assert all(f"inductor_moe.{op}" in graph for op in ("expert_sort", "act_and_mul", "moe_combine")), graph
+    assert "inductor_moe.fused_experts" in graph, graph
     torch.testing.assert_close(out, layer(x, logits, w13, w2), **MOE_TOL[torch.bfloat16])

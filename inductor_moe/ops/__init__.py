@@ -10,6 +10,7 @@ from . import library
 from .act_and_mul import act_and_mul, gelu_and_mul, gelu_tanh_and_mul, silu_and_mul
 from .combine import moe_combine
 from .expert_sort import expert_sort, expert_sort_aten
+from .fused_experts import fused_experts
 from .library import load_cuda_kernels
 from .topk_pack import pack_topk_ids_weights
 
@@ -19,6 +20,7 @@ __all__ = [
     "act_and_mul",
     "expert_sort",
     "expert_sort_aten",
+    "fused_experts",
     "gelu_and_mul",
     "gelu_tanh_and_mul",
     "load_cuda_kernels",

@@ -1,0 +1,235 @@
+"""A MoE layer's routed experts: the floor, stock torch.compile, the grouped-GEMM runner and ``fused_experts``.
+
+    python benchmarks/bench_fused_experts.py [--shapes qwen3,mixtral] [--tokens 1,16,256,2048] [--autotune]
+    python benchmarks/bench_fused_experts.py --tune [--shapes ...] [--tokens ...]   # writes the config table
+
+Shapes: Qwen3-30B-A3B (hidden 2048, 128 experts, top-8, intermediate 768) and Mixtral-8x7B (hidden 4096, 8
+experts, top-2, intermediate 14336), bf16, weights N(0, 0.02), with all experts local and with 1/8 of them (the
+first E/8; every other pair dead). Columns, each from routed ids and weights to the combined [T, H]:
+
+- floor: the larger of the distinct routed local experts' weight bytes over the device's copy rate and the live
+  pairs' FLOPs over a bf16 GEMM's rate, both measured in this run;
+- inductor: ``torch.compile`` of inductor_moe.testing.grouped_experts (stable sort, two ``F.grouped_mm``, the
+  masked activation, the weighted sum), default mode; with ``--autotune`` also
+  ``mode="max-autotune-no-cudagraphs"`` (Inductor's Triton grouped-GEMM template);
+- grouped runner: ``expert_sort`` + ``F.grouped_mm`` + our filtered activation + ``F.grouped_mm`` + our combine;
+- fused_experts: the op (``expert_sort``, the two Triton GEMMs, the combine).
+
+Four routings per CUDA graph (the replay cycles through them), so every call streams its experts' weights from
+HBM rather than L2. ``--tune`` times candidate tiles of each GEMM alone at every point and writes the fastest to
+inductor_moe/kernels/triton/fused_experts_configs.json under this device's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import inductor_moe as im  # noqa: E402
+from inductor_moe.kernels.triton import fused_experts as kernel  # noqa: E402
+from inductor_moe.ops.fused_experts import run_kernels  # noqa: E402
+from inductor_moe.testing import grouped_experts  # noqa: E402
+
+import timing  # noqa: E402
+
+SHAPES = {"qwen3": (2048, 128, 8, 768), "mixtral": (4096, 8, 2, 14336)}  # hidden, experts, top-k, inter
+ROUTINGS = 4
+
+
+def routings(tokens, experts, top_k, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    out = []
+    for _ in range(ROUTINGS):
+        logits = torch.randn(tokens, experts, device="cuda", generator=gen)
+        w, ids = torch.topk(logits.softmax(-1), top_k)
+        out.append((w, ids))
+    return out
+
+
+def grouped_runner(x, w, ids, w13, w2, lo):
+    """The runner before fused_experts: the grouping op, torch's grouped GEMMs, our activation and combine."""
+    tokens, k = ids.shape
+    local = (lo, lo + w13.shape[0])
+    order, offs, src_rows = im.expert_sort(ids, local)
+    h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
+    a = h.new_empty(h.shape[0], h.shape[1] // 2)
+    im.silu_and_mul(h, out=a, expert_ids=ids.reshape(-1), expert_range=local, expert_ids_index=order)
+    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+    return im.moe_combine(y, w, ids, local, src_rows.view(tokens, k))
+
+
+def gemm_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    us = timing.graph_us([lambda: a @ b], calls=8)
+    return 2 * 8192**3 / (us * 1e-6) / 1e12
+
+
+def floor_us(routes, lo, local, hidden, inter, copy_gbs, tflops) -> float:
+    """Mean over the routings of max(weight bytes of the distinct live experts / copy rate, FLOPs / GEMM rate)."""
+    per_expert = 3 * hidden * inter * 2
+    floors = []
+    for _, ids in routes:
+        live = ids[(ids >= lo) & (ids < lo + local)]
+        bytes_us = live.unique().numel() * per_expert / (copy_gbs * 1e3)
+        flops_us = 2 * live.numel() * 3 * hidden * inter / (tflops * 1e6)
+        floors.append(max(bytes_us, flops_us))
+    return sum(floors) / len(floors)
+
+
+def layer(shape, local_share):
+    hidden, experts, top_k, inter = SHAPES[shape]
+    local = experts if local_share == "all" else experts // 8
+    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(shape.encode()))
+    w13 = (torch.randn(local, 2 * inter, hidden, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    w2 = (torch.randn(local, hidden, inter, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    return hidden, experts, top_k, inter, local, w13, w2
+
+
+def calls(fn, xs, routes, *args):
+    return [lambda x=x, w=w, ids=ids: fn(x, w, ids, *args) for x, (w, ids) in zip(xs, routes)]
+
+
+def bench(args, copy_gbs, tflops):
+    rows = []
+    for shape, local_share in itertools.product(args.shapes.split(","), ("all", "1/8")):
+        hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
+        for tokens in map(int, args.tokens.split(",")):
+            routes = routings(tokens, experts, top_k, seed=tokens)
+            xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
+            torch._dynamo.reset()
+            variants = {
+                "inductor": torch.compile(grouped_experts, dynamic=False),
+                "grouped runner": grouped_runner,
+                "fused_experts": lambda x, w, ids, w13, w2, lo: im.fused_experts(
+                    x, w13, w2, w, ids, "silu", (lo, lo + w13.shape[0])
+                ),
+            }
+            if args.autotune:
+                variants["inductor max-autotune"] = torch.compile(
+                    grouped_experts, dynamic=False, mode="max-autotune-no-cudagraphs"
+                )
+            want = grouped_experts(xs[0], *routes[0], w13, w2, 0).float()
+            got = variants["fused_experts"](xs[0], *routes[0], w13, w2, 0).float()
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            times = timing.interleaved_us(
+                {name: calls(fn, xs, routes, w13, w2, 0) for name, fn in variants.items()},
+                lambda fns: timing.graph_us(fns),
+            )
+            floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
+            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" for n in variants]
+            rows.append(
+                [
+                    shape,
+                    local_share,
+                    tokens,
+                    f"{floor:.1f}",
+                    *cols,
+                    f"**{times['fused_experts'] / times['inductor']:.2f}**",
+                    f"{err:.1e}",
+                ]
+            )
+            print(rows[-1], flush=True)
+    names = list(variants)
+    timing.table(
+        "Routed experts, bf16, µs per call in a CUDA graph of 4 routings (x the floor)",
+        ["shape", "local experts", "T", "floor", *names, "fused_experts / inductor", "max rel. diff to eager"],
+        rows,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tuning
+
+TILES = [
+    kernel.Tile(m, n, k, g, w, s)
+    for m, n, k, g, w, s in [
+        (16, 32, 128, 1, 4, 4),
+        (16, 64, 128, 1, 4, 4),
+        (16, 64, 64, 1, 4, 4),
+        (16, 128, 128, 1, 4, 3),
+        (16, 32, 256, 1, 4, 3),
+        (32, 64, 128, 1, 4, 3),
+        (64, 64, 64, 4, 4, 3),
+        (64, 128, 64, 8, 8, 3),
+        (64, 128, 64, 8, 4, 4),
+        (128, 128, 64, 8, 8, 3),
+        (128, 64, 64, 8, 4, 4),
+    ]
+]
+
+
+def tune(args):
+    table = json.loads(kernel.CONFIGS.read_text()) if kernel.CONFIGS.exists() else {}
+    device = torch.cuda.get_device_name()
+    entries = table.setdefault(device, {})
+    for shape, local_share in itertools.product(args.shapes.split(","), ("all", "1/8")):
+        hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
+        gate, up = w13.chunk(2, dim=1)
+        key = kernel.shape_key(local, inter, hidden, top_k)
+        for tokens in map(int, args.tokens.split(",")):
+            routes = routings(tokens, experts, top_k, seed=tokens)
+            xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
+            sorts = [im.expert_sort(ids, (0, local)) for _, ids in routes]
+            n = tokens * top_k
+            a = torch.empty(n, inter, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(n, hidden, device="cuda", dtype=torch.bfloat16)
+            best = {}
+            for which in ("up", "down"):
+                timed = {}
+                for tile in TILES:
+                    if which == "up":
+                        fns = [
+                            lambda x=x, s=s, t=tile: kernel.up(x, gate, up, s[0], s[1], a, "silu", top_k, t)
+                            for x, s in zip(xs, sorts)
+                        ]
+                    else:
+                        fns = [lambda s=s, t=tile: kernel.down(a, w2, s[1], y, t) for s in sorts]
+                    try:
+                        timed[tile] = timing.graph_us(fns)
+                    except Exception as e:  # a tile past the shared memory of this device
+                        print(f"  {which} {tile}: {type(e).__name__}", flush=True)
+                best[which] = min(timed, key=timed.get)
+                print(shape, tokens, which, best[which], f"{timed[best[which]]:.1f} us", flush=True)
+            entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = {
+                w: {f: getattr(t, f) for f in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")}
+                for w, t in best.items()
+            }
+            # the tuned pair end to end, against the heuristic's
+            tuned = kernel.Config(best["up"], best["down"])
+            heur = kernel.heuristic_config(tokens, local, top_k, torch.bfloat16)
+            for label, cfg in (("heuristic", heur), ("tuned", tuned)):
+                fns = [
+                    lambda x=x, w=w, ids=ids, c=cfg: run_kernels(x, w13, w2, w, ids, "silu", 0, False, None, c)
+                    for x, (w, ids) in zip(xs, routes)
+                ]
+                print(f"  {label}: {timing.graph_us(fns):.1f} us", flush=True)
+            kernel.CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # point by point
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="qwen3,mixtral")
+    parser.add_argument("--tokens", default="1,16,256,2048")
+    parser.add_argument("--autotune", action="store_true", help="also time stock max-autotune-no-cudagraphs")
+    parser.add_argument("--tune", action="store_true", help="tune the tile configs instead of benchmarking")
+    args = timing.cli(parser)
+    timing.header()
+    if args.tune:
+        tune(args)
+        return
+    copy_gbs = timing.report_copy_bandwidth()
+    tflops = gemm_tflops()
+    print(f"bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
+    bench(args, copy_gbs, tflops)
+
+
+if __name__ == "__main__":
+    main()

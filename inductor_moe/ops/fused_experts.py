@@ -1,0 +1,165 @@
+"""``fused_experts``: a MoE layer's routed experts as one op, from hidden states, routed ids and weights and the
+experts' weights to the combined output. Schema, checks, fake, CPU (the reference), CUDA (the routed pairs
+grouped by ``expert_sort``, the two grouped GEMMs of kernels/triton/fused_experts.py with the filtered gated
+activation in the first's epilogue, the weighted sum over k by ``moe_combine``) and the public function."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ..indexing import MAX_INDEX
+from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, define, lib
+
+define(
+    "fused_experts(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+    "str activation='silu', int expert_lo=0, bool renormalize=False, Tensor? w3=None) -> Tensor"
+)
+
+MAX_EXPERTS = 512
+MAX_TOP_K = 16
+
+
+def check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3):
+    def _check(cond, msg):
+        check(cond, msg, "fused_experts")
+
+    _check(
+        activation in reference.ACTIVATIONS,
+        f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
+    )
+    _check(hidden.dim() == 2, f"hidden must be 2-D [tokens, hidden_size], got shape {list(hidden.shape)}")
+    _check(hidden.dtype in DTYPES, f"hidden dtype must be {DTYPE_NAMES}, got {hidden.dtype}")
+    tokens, hidden_size = hidden.shape
+    _check(w13.dim() == 3, f"w13 must be 3-D [experts, 2 * inter (or inter with w3), hidden], got {list(w13.shape)}")
+    _check(w2.dim() == 3, f"w2 must be 3-D [experts, hidden, inter], got shape {list(w2.shape)}")
+    experts = w13.shape[0]
+    _check(1 <= experts <= MAX_EXPERTS, f"w13 must hold 1 to {MAX_EXPERTS} experts, got {experts}")
+    _check(w2.shape[0] == experts, f"w13 has {experts} experts but w2 has {w2.shape[0]}")
+    if w3 is None:
+        _check(w13.shape[1] % 2 == 0, f"w13's dim 1 must be even (gate rows, then up rows), got {w13.shape[1]}")
+        inter = w13.shape[1] // 2
+    else:
+        inter = w13.shape[1]
+        _check(
+            w3.dim() == 3 and w3.shape == w13.shape, f"w3 must have w13's shape {list(w13.shape)}, got {list(w3.shape)}"
+        )
+    for name, t in (("w13", w13), ("w2", w2), ("w3", w3)):
+        if t is None:
+            continue
+        _check(t.dtype == hidden.dtype, f"{name} dtype {t.dtype} must match hidden's {hidden.dtype}")
+        _check(t.device == hidden.device, f"{name} must be on {hidden.device}, got {t.device}")
+    _check(
+        w13.shape[2] == hidden_size,
+        f"w13's hidden size {w13.shape[2]} does not match hidden's {hidden_size}",
+    )
+    _check(
+        w2.shape[1] == hidden_size and w2.shape[2] == inter,
+        f"w2 must have shape [{experts}, {hidden_size}, {inter}] (experts, hidden, inter), got {list(w2.shape)}",
+    )
+    _check(topk_ids.dim() == 2, f"topk_ids must be 2-D [tokens, k], got shape {list(topk_ids.shape)}")
+    _check(topk_ids.dtype in INDEX_DTYPES, f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    _check(topk_weights.dtype in DTYPES, f"topk_weights dtype must be {DTYPE_NAMES}, got {topk_weights.dtype}")
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        _check(t.device == hidden.device, f"{name} must be on {hidden.device}, got {t.device}")
+    _check(
+        topk_weights.shape == topk_ids.shape,
+        f"topk_weights {list(topk_weights.shape)} and topk_ids {list(topk_ids.shape)} differ in shape",
+    )
+    _check(topk_ids.shape[0] == tokens, f"topk_ids has {topk_ids.shape[0]} tokens but hidden has {tokens}")
+    _check(topk_ids.shape[1] <= MAX_TOP_K, f"at most {MAX_TOP_K} experts a token (k), got {topk_ids.shape[1]}")
+    _check(
+        0 <= expert_lo <= MAX_INDEX - experts,
+        f"expert_lo must be in [0, 2**31 - 1 - experts], got {expert_lo}",
+    )
+    pairs = tokens * topk_ids.shape[1]
+    _check(pairs <= MAX_INDEX, f"at most 2**31-1 routed pairs are supported, got {pairs}")
+
+
+@torch.library.register_fake("inductor_moe::fused_experts")
+def _fake(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+    check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
+    return hidden.new_empty(hidden.shape)
+
+
+@torch.library.impl(lib, "fused_experts", "CPU")
+def _cpu(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+    check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
+    return reference.fused_experts_ref(
+        hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3
+    ).contiguous()
+
+
+@torch.library.impl(lib, "fused_experts", "CUDA")
+def _cuda(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+    check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
+    return run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3)
+
+
+def run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, tiles=None):
+    """The CUDA sequence (also the interpreter's, on CPU tensors under TRITON_INTERPRET=1): group, up, down,
+    combine. ``tiles`` overrides the config table (the benchmark's tuning)."""
+    from ..kernels.triton import fused_experts as kernel
+
+    tokens, hidden_size = hidden.shape
+    top_k = topk_ids.shape[1]
+    experts = w13.shape[0]
+    gate, up = (w13.chunk(2, dim=1)) if w3 is None else (w13, w3)
+    inter = gate.shape[1]
+    if tokens * top_k == 0:
+        return hidden.new_zeros(hidden.shape)
+    local = (expert_lo, expert_lo + experts)
+    order, offs, src_rows = torch.ops.inductor_moe.expert_sort.default(topk_ids, *local)
+    tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
+    a = hidden.new_empty(tokens * top_k, inter)  # sorted rows; the dead ones (after offs[-1]) never written
+    kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up)
+    y = hidden.new_empty(tokens * top_k, hidden_size)
+    kernel.down(a, w2, offs, y, tiles.down)
+    return torch.ops.inductor_moe.moe_combine.default(
+        y, topk_weights, topk_ids, *local, src_rows.view(tokens, top_k), False, renormalize
+    )
+
+
+def _autograd(keyset, hidden, w13, w2, topk_weights, topk_ids, *args):
+    check(
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, w13, w2, topk_weights))),
+        "it has no gradient; call it under torch.no_grad() (inference), or compose the differentiable ops",
+        "fused_experts",
+    )
+    return torch.ops.inductor_moe.fused_experts.default.redispatch(
+        keyset & torch._C._after_autograd_keyset, hidden, w13, w2, topk_weights, topk_ids, *args
+    )
+
+
+lib.impl("fused_experts", _autograd, "Autograd", with_keyset=True)
+
+_fused_experts_op = torch.ops.inductor_moe.fused_experts.default
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+    expert_range: tuple[int, int] | None = None,
+    renormalize: bool = False,
+    w3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A MoE layer's routed experts: ``out[t] = sum_k live(t, k) * w[t, k] * expert_{id - lo}(hidden[t])``,
+    ``expert_e(x) = (act(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T``; [T, H] in hidden's dtype.
+
+    Weights as model code stores them: ``w13`` [E, 2I, H] holds gate rows then up rows (HF transformers'
+    ``gate_up_proj``), or, with ``w3``, ``w13`` the gate projections [E, I, H] and ``w3`` the up projections; a
+    tensor stored [E, H, 2I] is passed transposed (``.transpose(1, 2)``, no copy: any strides are read);
+    ``w2`` [E, H, I] likewise. ``expert_range=(lo, hi)`` with ``hi - lo = E`` says which experts this rank
+    holds (default ``(0, E)``): pairs whose id lies outside it (``-1``, the ``id >= E`` sentinel, other ranks'
+    experts) are dead, never computed or read. ``renormalize`` divides the weights by their sum over k first.
+    Rounding: :func:`inductor_moe.reference.fused_experts_ref`. No gradient (inference).
+    """
+    experts = w13.shape[0]
+    lo, hi = (0, experts) if expert_range is None else expert_range
+    if hi - lo != experts:
+        raise ValueError(f"inductor_moe.fused_experts: expert_range {expert_range} must span w13's {experts} experts")
+    return _fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, activation, lo, renormalize, w3)

@@ -1,0 +1,278 @@
+"""fused_experts: the reference against an independent float64 loop; the op against the reference on every
+device (every weight layout, dtype, activation and filter convention, odd sizes, all pairs dead, none dead);
+the Triton kernels under TRITON_INTERPRET=1 on the CPU (a child process) and on the GPU into poisoned outputs,
+with every tile config the table and the heuristic give; the runner on top of the op. Bad inputs, opcheck,
+compiles and CUDA graphs: tests/contracts.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import inductor_moe as im
+from inductor_moe import reference
+from inductor_moe.kernels.triton import fused_experts as kernel
+
+from helpers import DEVICES
+
+LAYOUTS = ["w13", "w13 transposed", "w13 + w3", "w2 transposed"]
+FILTERS = ["-1 dead", "id >= E sentinel", "local range", "all dead", "none dead"]
+# one rounding of the activation and one of each pair's row, both to the input dtype, on top of summation orders
+# that differ from torch's matmul: a few ulps of the output's magnitude
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def layer(tokens, hidden, inter, experts, top_k, dtype, device, layout="w13", filt="-1 dead", seed=0):
+    """(hidden, w13, w2, weights, ids, expert_range, w3): random weights in the given layout, ids by filter."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+
+    x = rand(tokens, hidden)
+    w13 = rand(experts, 2 * inter, hidden, scale=hidden**-0.5)
+    w2 = rand(experts, hidden, inter, scale=inter**-0.5)
+    w3 = None
+    if layout == "w13 transposed":  # stored [E, H, 2I], passed as a view
+        w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "w13 + w3":
+        w13, w3 = w13[:, :inter].contiguous(), w13[:, inter:].contiguous()
+    elif layout == "w2 transposed":
+        w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    lo = 3 if filt == "local range" else 0
+    span = experts + 6 if filt in ("id >= E sentinel", "local range") else experts
+    weights, ids = torch.topk(torch.randn(tokens, max(span, top_k), generator=gen).softmax(-1), top_k)
+    if filt == "-1 dead":
+        ids = torch.where(torch.rand(tokens, top_k, generator=gen) < 0.3, -1, ids)
+    elif filt == "all dead":
+        ids = torch.full_like(ids, -1)
+    elif filt == "none dead":
+        ids = ids % experts
+    return x, w13, w2, weights.to(device), ids.to(device), (lo, lo + experts), w3
+
+
+def loop64(x, w13, w2, weights, ids, expert_range, w3, activation):
+    """The definition, one pair at a time, in float64."""
+    lo, hi = expert_range
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if not lo <= e < hi:
+                continue
+            gate = w13[e - lo, :inter] if w3 is None else w13[e - lo]
+            up = w13[e - lo, inter:] if w3 is None else w3[e - lo]
+            xt = x[t].double()
+            h = reference.activation_ref(gate.double() @ xt, activation) * (up.double() @ xt)
+            out[t] += float(weights[t, j]) * (w2[e - lo].double() @ h)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("filt", FILTERS)
+@pytest.mark.parametrize("activation", list(reference.ACTIVATIONS))
+def test_reference_against_loop(layout, filt, activation):
+    x, w13, w2, w, ids, rng, w3 = layer(9, 24, 10, 5, 3, torch.float32, "cpu", layout, filt)
+    ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], False, w3)
+    torch.testing.assert_close(ref.double(), loop64(x, w13, w2, w, ids, rng, w3, activation), rtol=1e-5, atol=1e-6)
+    if filt == "all dead":
+        assert not ref.any()
+
+
+def test_reference_renormalizes_over_every_pair():
+    x, w13, w2, w, ids, rng, w3 = layer(6, 16, 8, 4, 2, torch.float32, "cpu", filt="-1 dead")
+    got = reference.fused_experts_ref(x, w13, w2, w, ids, "silu", 0, True)
+    want = reference.fused_experts_ref(x, w13, w2, w / w.sum(-1, keepdim=True), ids, "silu", 0, False)
+    torch.testing.assert_close(got, want)
+
+
+def assert_close_to_reference(out, ref, dtype):
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert not out.isnan().any()
+    scale = max(ref.abs().max().item(), 1e-3) if ref.numel() else 1.0
+    torch.testing.assert_close(out.float(), ref.float(), rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("filt", FILTERS)
+@pytest.mark.parametrize("tokens,hidden,inter,experts,top_k", [(1, 64, 32, 8, 2), (37, 100, 52, 9, 4)])
+def test_op_matches_reference(device, dtype, layout, filt, tokens, hidden, inter, experts, top_k):
+    x, w13, w2, w, ids, rng, w3 = layer(tokens, hidden, inter, experts, top_k, dtype, device, layout, filt)
+    for activation in reference.ACTIVATIONS:
+        out = im.fused_experts(x, w13, w2, w, ids, activation, rng, False, w3)
+        ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], False, w3)
+        assert_close_to_reference(out, ref, dtype)
+        if filt == "all dead":
+            assert not out.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [0, 1, 7, 37, 300])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_sizes_and_renormalize(device, tokens, renormalize):
+    x, w13, w2, w, ids, rng, _ = layer(tokens, 72, 40, 16, 6, torch.bfloat16, device, filt="local range", seed=tokens)
+    out = im.fused_experts(x, w13, w2, w, ids, "silu", rng, renormalize)
+    ref = reference.fused_experts_ref(x, w13, w2, w, ids, "silu", rng[0], renormalize)
+    assert out.shape == (tokens, 72)
+    assert_close_to_reference(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_experts_and_top_k(device):
+    # E = 512 and K = 16, the op's limits; H and I odd
+    x, w13, w2, w, ids, rng, _ = layer(33, 33, 17, 512, 16, torch.bfloat16, device, filt="none dead")
+    out = im.fused_experts(x, w13, w2, w, ids, "gelu", rng)
+    assert_close_to_reference(out, reference.fused_experts_ref(x, w13, w2, w, ids, "gelu"), torch.bfloat16)
+
+
+def test_expert_range_must_span_the_experts():
+    x, w13, w2, w, ids, _, _ = layer(4, 16, 8, 4, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"expert_range \(0, 8\) must span w13's 4 experts"):
+        im.fused_experts(x, w13, w2, w, ids, expert_range=(0, 8))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The kernels themselves: every config, outputs poisoned, dead rows never written
+
+
+def configs():
+    """Every distinct tile of the shipped table and the heuristic (16-bit and fp32)."""
+    tiles = set()
+    for dtype in (torch.bfloat16, torch.float32):
+        for tokens in (1, 64, 4096):
+            c = kernel.heuristic_config(tokens, 8, 2, dtype)
+            tiles |= {c.up, c.down}
+    for shapes in kernel._tuned().values():
+        for buckets in shapes.values():
+            for c in buckets.values():
+                tiles |= {kernel.Tile(**c["up"]), kernel.Tile(**c["down"])}
+    return sorted(tiles, key=lambda t: dataclasses_astuple(t))
+
+
+def dataclasses_astuple(t):
+    return (t.block_m, t.block_n, t.block_k, t.group_m, t.num_warps, t.num_stages)
+
+
+def run_poisoned(x, w13, w2, ids, rng, w3, activation, tile):
+    """up and down into NaN-filled buffers: (a, y, live sorted rows)."""
+    top_k, experts = ids.shape[1], w13.shape[0]
+    gate, up = w13.chunk(2, dim=1) if w3 is None else (w13, w3)
+    order, offs, _ = im.expert_sort(ids, rng)
+    n = ids.numel()
+    a = torch.full((n, gate.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    y = torch.full((n, x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
+    kernel.up(x, gate, up, order, offs, a, activation, top_k, tile)
+    kernel.down(a, w2, offs, y, tile)
+    return a, y, order, int(offs[-1]) if experts else 0
+
+
+def check_poisoned(x, w13, w2, ids, rng, w3, activation, tile, dtype):
+    a, y, order, live = run_poisoned(x, w13, w2, ids, rng, w3, activation, tile)
+    assert not a[:live].isnan().any() and not y[:live].isnan().any(), "a live row was not written"
+    assert a[live:].isnan().all() and y[live:].isnan().all(), "a dead row was written"
+    inter = w2.shape[2]
+    pairs = order[:live]
+    experts_of = ids.reshape(-1)[pairs].long() - rng[0]
+    xs = x[pairs // ids.shape[1]].float()
+    gate = (w13[:, :inter] if w3 is None else w13)[experts_of].float()
+    up = (w13[:, inter:] if w3 is None else w3)[experts_of].float()
+    want_a = (
+        reference.activation_ref(torch.einsum("rh,rih->ri", xs, gate), activation) * torch.einsum("rh,rih->ri", xs, up)
+    ).to(dtype)
+    assert_close_to_reference(a[:live], want_a, dtype)
+    want_y = torch.einsum("ri,rhi->rh", a[:live].float(), w2[experts_of].float()).to(dtype)
+    assert_close_to_reference(y[:live], want_y, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tile", configs(), ids=lambda t: "x".join(map(str, dataclasses_astuple(t))))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_config_writes_live_rows_only(tile, dtype):
+    # 300 tokens x 4 of 12 local experts: several row blocks an expert, partial last blocks, dead rows sorted last
+    x, w13, w2, _, ids, rng, w3 = layer(300, 200, 88, 12, 4, dtype, "cuda", "w13 + w3", "local range")
+    check_poisoned(x, w13, w2, ids, rng, w3, "silu", tile, dtype)
+
+
+INTERPRETER_CASES = [
+    (dtype, layout, filt, activation)
+    for dtype in ("float32", "bfloat16", "float16")
+    for layout, filt, activation in (
+        ("w13", "-1 dead", "silu"),
+        ("w13 transposed", "local range", "gelu"),
+        ("w13 + w3", "id >= E sentinel", "gelu_tanh"),
+        ("w2 transposed", "none dead", "silu"),
+    )
+]
+
+
+def run_interpreter_cases() -> dict[str, str]:
+    """Every INTERPRETER_CASES entry through the interpreted kernels into poisoned buffers, then the whole CUDA
+    sequence on CPU tensors against the reference: "ok" or what failed. Called in a child process that set
+    TRITON_INTERPRET=1 before importing triton."""
+    from inductor_moe.ops.fused_experts import run_kernels
+
+    assert type(kernel.fused_up_kernel).__name__ == "InterpretedFunction"
+    results = {}
+    for dtype_name, layout, filt, activation in INTERPRETER_CASES:
+        dtype = getattr(torch, dtype_name)
+        try:
+            x, w13, w2, w, ids, rng, w3 = layer(7, 40, 24, 6, 3, dtype, "cpu", layout, filt)
+            check_poisoned(x, w13, w2, ids, rng, w3, activation, kernel.Tile(16, 16, 16), dtype)
+            out = run_kernels(x, w13, w2, w, ids, activation, rng[0], True, w3, kernel.heuristic_config(7, 6, 3, dtype))
+            ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True, w3)
+            # the interpreter truncates to bf16 where the GPU rounds: one more ulp
+            assert_close_to_reference(out, ref, dtype)
+            results[repr((dtype_name, layout, filt, activation))] = "ok"
+        except AssertionError as e:
+            results[repr((dtype_name, layout, filt, activation))] = str(e)[-500:]
+    return results
+
+
+def test_triton_kernels_in_interpreter():
+    tests = str(Path(__file__).parent)
+    code = "import json, test_fused_experts as t; print(json.dumps(t.run_interpreter_cases()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert child.returncode == 0, child.stderr[-4000:]
+    results = json.loads(child.stdout.strip().splitlines()[-1])
+    assert len(results) == len(INTERPRETER_CASES)
+    failed = {case: why for case, why in results.items() if why != "ok"}
+    assert not failed, failed
+
+
+def test_config_table_and_heuristic():
+    # every shipped config is well-formed, keyed by a power-of-two token bucket; unknown shapes get the heuristic
+    for shapes in kernel._tuned().values():
+        for key, buckets in shapes.items():
+            assert key.startswith("E=")
+            for bucket, entry in buckets.items():
+                assert int(bucket) == kernel.token_bucket(int(bucket))
+                for tile in (kernel.Tile(**entry["up"]), kernel.Tile(**entry["down"])):
+                    assert tile.block_m >= 16 and tile.block_n >= 16 and tile.block_k >= 16
+    assert kernel.token_bucket(1) == 1 and kernel.token_bucket(17) == 32 and kernel.token_bucket(0) == 1
+    small = kernel.config_for(1, 3, 40, 24, 2, torch.bfloat16, torch.device("cpu"))
+    assert small == kernel.heuristic_config(1, 3, 2, torch.bfloat16) and small.up.block_m == 16
+    assert kernel.heuristic_config(4096, 8, 2, torch.bfloat16).up.block_m == 64
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The runner
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_runner_is_the_op(device):
+    x, w13, w2, w, ids, rng, _ = layer(20, 64, 32, 8, 2, torch.bfloat16, device, filt="local range")
+    logits = torch.randn(20, 14, device=device)
+    out = im.moe.moe(x, logits, w13, w2, top_k=2, expert_range=rng)
+    weights, topk = im.moe.route(logits, 2, renormalize=False)
+    want = im.fused_experts(x, w13, w2, weights, topk, "silu", rng, renormalize=True)
+    assert torch.equal(out, want)
