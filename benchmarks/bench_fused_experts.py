@@ -16,7 +16,8 @@ first E/8; every other pair dead). Columns, each from routed ids and weights to 
 - fused_experts: the op (``expert_sort``, the two Triton GEMMs, the combine).
 
 Four routings per CUDA graph (the replay cycles through them), so every call streams its experts' weights from
-HBM rather than L2. ``--tune`` times candidate tiles of each GEMM alone at every point and writes the fastest to
+HBM rather than L2. ``--tune`` times candidate tiles of each GEMM alone at every point, then the op end to end
+with those tiles and with torch's grouped GEMMs in their place, and writes the fastest to
 inductor_moe/kernels/triton/fused_experts_configs.json under this device's name.
 """
 
@@ -124,7 +125,8 @@ def bench(args, copy_gbs, tflops):
                 lambda fns: timing.graph_us(fns),
             )
             floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
-            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" for n in variants]
+            # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
+            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" if floor else f"{times[n]:.1f}" for n in variants]
             rows.append(
                 [
                     shape,
@@ -198,19 +200,27 @@ def tune(args):
                         print(f"  {which} {tile}: {type(e).__name__}", flush=True)
                 best[which] = min(timed, key=timed.get)
                 print(shape, tokens, which, best[which], f"{timed[best[which]]:.1f} us", flush=True)
-            entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = {
-                w: {f: getattr(t, f) for f in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")}
-                for w, t in best.items()
+            # end to end: the heuristic's tiles, the tuned ones, and torch's grouped GEMMs on the same sort
+            paths = {
+                "heuristic": kernel.heuristic_config(tokens, local, top_k, torch.bfloat16),
+                "triton": kernel.Config(best["up"], best["down"]),
+                "grouped_mm": kernel.Config(best["up"], best["down"], "grouped_mm"),
             }
-            # the tuned pair end to end, against the heuristic's
-            tuned = kernel.Config(best["up"], best["down"])
-            heur = kernel.heuristic_config(tokens, local, top_k, torch.bfloat16)
-            for label, cfg in (("heuristic", heur), ("tuned", tuned)):
+            end_to_end = {}
+            for label, cfg in paths.items():
                 fns = [
                     lambda x=x, w=w, ids=ids, c=cfg: run_kernels(x, w13, w2, w, ids, "silu", 0, False, None, c)
                     for x, (w, ids) in zip(xs, routes)
                 ]
-                print(f"  {label}: {timing.graph_us(fns):.1f} us", flush=True)
+                end_to_end[label] = timing.graph_us(fns)
+                print(f"  {label}: {end_to_end[label]:.1f} us", flush=True)
+            entry = {
+                w: {f: getattr(t, f) for f in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")}
+                for w, t in best.items()
+            }
+            if end_to_end["grouped_mm"] < end_to_end["triton"]:
+                entry["path"] = "grouped_mm"
+            entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = entry
             kernel.CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # point by point
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# the order of the sections: the whole block first, then the ops, then the pieces of the pass
-ORDER = ["moe_block", "act_and_mul", "combine", "topk_pack", "expert_sort", "backend"]
+# the order of the sections: the experts and the whole block first, then the ops, then the pieces of the pass
+ORDER = ["fused_experts", "moe_block", "act_and_mul", "combine", "topk_pack", "expert_sort", "backend"]
 
 HEADER = """# Benchmarks
 
@@ -49,6 +49,8 @@ def _section(name: str, result: dict) -> list[str]:
         f"- method: {meta['method']}",
         f"- date: {meta['date']}",
     ]
+    if meta.get("note"):
+        lines.append(f"- note: {meta['note']}")
     for table in result["tables"]:
         lines += ["", f"#### {table['title']}", "", "| " + " | ".join(table["header"]) + " |"]
         lines.append("|" + "---|" * len(table["header"]))

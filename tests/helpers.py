@@ -98,6 +98,25 @@ def combine_case(tokens, k, h, dtype, w_dtype, ids_dtype, rows_dtype, device, de
     return expert_out.to(dtype), w, ids, src_rows
 
 
+def interpreter_results(module: str, function: str, timeout: int = 900) -> dict[str, str]:
+    """``module.function()`` (a tests/ module's function returning {case: "ok" or what failed}) run in a child
+    process with TRITON_INTERPRET=1 set before triton is first imported, which is the only way Triton's
+    interpreter also runs the standard library's @triton.jit functions (tl.sort, tl.cumsum); this process's
+    kernels stay compiled (on the GPU machine the same workers run the CUDA tests)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
+    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert child.returncode == 0, child.stderr[-4000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def captured(step):
     """``step()`` run once (JIT compiles and allocations stay outside the capture), then captured in a CUDA
     graph: (the graph, what the captured call returned)."""

@@ -4,12 +4,7 @@ torch.compile across batch sizes, CUDA graphs."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +14,7 @@ import inductor_moe as im
 from inductor_moe import indexing, ops, reference
 from inductor_moe.kernels.triton import expert_sort as kernel
 
-from helpers import DEVICES, captured, routed_ids
+from helpers import DEVICES, captured, interpreter_results, routed_ids
 
 INDEX_DTYPES = [torch.int32, torch.int64]
 # (lo, hi): all of 8, a middle slice, one expert, the last 16 of 128 (expert parallelism), no expert at all
@@ -130,16 +125,8 @@ def run_interpreter_cases() -> dict[str, str]:
 
 
 def test_triton_kernel_in_interpreter():
-    # run_interpreter_cases in a child process, all in one: the kernel calls tl.sort, a @triton.jit function of
-    # Triton's standard library, which Triton's interpreter runs only if TRITON_INTERPRET=1 was set before triton
-    # was first imported; this process's kernels must stay compiled (on the GPU machine the same workers run the
-    # CUDA tests)
-    tests = str(Path(__file__).parent)
-    code = "import json, test_expert_sort as t; print(json.dumps(t.run_interpreter_cases()))"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests, *sys.path])}
-    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert child.returncode == 0, child.stderr[-4000:]
-    results = json.loads(child.stdout.strip().splitlines()[-1])
+    # in a child process, all in one: the kernel calls tl.sort, a @triton.jit function of Triton's standard library
+    results = interpreter_results("test_expert_sort", "run_interpreter_cases", timeout=600)
     assert len(results) == len(INTERPRETER_CASES)
     failed = {case: why for case, why in results.items() if why != "ok"}
     assert not failed, failed

@@ -111,13 +111,34 @@ def run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, 
     local = (expert_lo, expert_lo + experts)
     order, offs, src_rows = torch.ops.inductor_moe.expert_sort.default(topk_ids, *local)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
-    a = hidden.new_empty(tokens * top_k, inter)  # sorted rows; the dead ones (after offs[-1]) never written
-    kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up)
-    y = hidden.new_empty(tokens * top_k, hidden_size)
-    kernel.down(a, w2, offs, y, tiles.down)
+    if tiles.path == "grouped_mm" and grouped_mm_fits(hidden, w13, w2, w3):
+        y = _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local)
+    else:
+        a = hidden.new_empty(tokens * top_k, inter)  # sorted rows; the dead ones (after offs[-1]) never written
+        kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up)
+        y = hidden.new_empty(tokens * top_k, hidden_size)
+        kernel.down(a, w2, offs, y, tiles.down)
     return torch.ops.inductor_moe.moe_combine.default(
         y, topk_weights, topk_ids, *local, src_rows.view(tokens, top_k), False, renormalize
     )
+
+
+def grouped_mm_fits(hidden, w13, w2, w3) -> bool:
+    """Whether torch's grouped GEMM takes these operands as they are: bf16 (CUTLASS on sm90), gate and up in one
+    tensor, both weights with a contiguous last dim (as stored by nn.Linear-layout model code)."""
+    return hidden.dtype == torch.bfloat16 and w3 is None and w13.stride(2) == 1 and w2.stride(2) == 1
+
+
+def _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local):
+    """The routed pairs' rows [T*K, H], sorted by expert, through torch's grouped GEMMs: the up projection (gate
+    and up rounded to the input dtype, as the GEMM returns them), our filtered activation reading the rows' ids
+    through the sort, the down projection. Dead rows (after offs[-1]) are neither computed nor read."""
+    top_k = topk_ids.shape[1]
+    h = torch._grouped_mm(hidden[order // top_k], w13.transpose(1, 2), offs=offs)
+    a = h.new_empty(h.shape[0], h.shape[1] // 2)
+    lo, hi = local
+    torch.ops.inductor_moe.act_and_mul_out.default(h, a, activation, topk_ids.reshape(-1), 1, lo, hi, order)
+    return torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
 
 
 def _autograd(keyset, hidden, w13, w2, topk_weights, topk_ids, *args):
