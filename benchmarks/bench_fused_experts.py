@@ -150,22 +150,46 @@ def bench(args, copy_gbs, tflops):
 # ------------------------------------------------------------------------------------------------------------
 # Tuning
 
-TILES = [
-    kernel.Tile(m, n, k, g, w, s)
-    for m, n, k, g, w, s in [
-        (16, 32, 128, 1, 4, 4),
-        (16, 64, 128, 1, 4, 4),
-        (16, 64, 64, 1, 4, 4),
-        (16, 128, 128, 1, 4, 3),
-        (16, 32, 256, 1, 4, 3),
-        (32, 64, 128, 1, 4, 3),
-        (64, 64, 64, 4, 4, 3),
-        (64, 128, 64, 8, 8, 3),
-        (64, 128, 64, 8, 4, 4),
-        (128, 128, 64, 8, 8, 3),
-        (128, 64, 64, 8, 4, 4),
-    ]
-]
+
+def _tiles(rows):
+    return [kernel.Tile(*row) for row in rows]
+
+
+# (block_m, block_n, block_k, group_m, num_warps, num_stages): narrow, deep tiles for decode, wide ones with grouped
+# order for the compute-bound points; the down GEMM (one accumulator) also tries 256 columns
+TILES = {
+    "up": _tiles(
+        [
+            (16, 32, 128, 1, 4, 4),
+            (16, 64, 128, 1, 4, 4),
+            (16, 64, 64, 1, 4, 4),
+            (16, 128, 128, 1, 4, 3),
+            (16, 32, 256, 1, 4, 3),
+            (32, 64, 128, 1, 4, 3),
+            (64, 64, 64, 4, 4, 3),
+            (64, 128, 64, 8, 8, 3),
+            (64, 128, 64, 8, 4, 4),
+            (128, 128, 64, 8, 8, 3),
+            (128, 128, 64, 8, 8, 4),
+            (128, 64, 64, 8, 4, 4),
+        ]
+    ),
+    "down": _tiles(
+        [
+            (16, 32, 128, 1, 4, 4),
+            (16, 64, 128, 1, 4, 4),
+            (16, 64, 64, 1, 4, 4),
+            (16, 16, 256, 1, 4, 3),
+            (16, 32, 256, 1, 4, 3),
+            (32, 64, 128, 1, 4, 3),
+            (64, 64, 64, 4, 4, 3),
+            (64, 128, 64, 8, 4, 4),
+            (128, 128, 64, 8, 8, 3),
+            (128, 128, 64, 8, 8, 4),
+            (128, 256, 64, 8, 8, 3),
+        ]
+    ),
+}
 
 
 def tune(args):
@@ -186,7 +210,7 @@ def tune(args):
             best = {}
             for which in ("up", "down"):
                 timed = {}
-                for tile in TILES:
+                for tile in TILES[which]:
                     if which == "up":
                         fns = [
                             lambda x=x, s=s, t=tile: kernel.up(x, gate, up, s[0], s[1], a, "silu", top_k, t)
