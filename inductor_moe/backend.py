@@ -118,8 +118,8 @@ def inductor_moe_backend(
     pdl_waits = config.inductor_pdl() and inductor_pdl.install()  # False: this torch's codegen is not patched
     patches.setdefault("triton.enable_pdl", pdl_waits)
     patches["post_grad_custom_post_pass"] = _with_our_pass(user_pass, pdl_waits=pdl_waits)
-    inner = _compile_inner_with_pdl_waits if pdl_waits else None
-    return compile_fx(gm, example_inputs, config_patches=patches, **({"inner_compile": inner} if inner else {}))
+    inner = {"inner_compile": _compile_inner_with_pdl_waits} if pdl_waits else {}
+    return compile_fx(gm, example_inputs, config_patches=patches, **inner)
 
 
 def enable() -> None:

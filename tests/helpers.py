@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -103,12 +109,6 @@ def interpreter_results(module: str, function: str, timeout: int = 900) -> dict[
     process with TRITON_INTERPRET=1 set before triton is first imported, which is the only way Triton's
     interpreter also runs the standard library's @triton.jit functions (tl.sort, tl.cumsum); this process's
     kernels stay compiled (on the GPU machine the same workers run the CUDA tests)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     tests = str(Path(__file__).parent)
     code = f"import json, {module} as t; print(json.dumps(t.{function}()))"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([tests, *sys.path])}

@@ -10,7 +10,7 @@ import torch
 
 from .. import reference
 from ..indexing import MAX_INDEX, rows_layout_ok
-from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, define, expert_bounds, lib
+from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, check_activation, define, expert_bounds, lib
 
 _FILTER_ARGS = (
     "Tensor? expert_ids=None, int expert_step=1, int expert_lo=0, int expert_hi=2147483647, "
@@ -33,10 +33,7 @@ def _check_layout(name: str, t: torch.Tensor) -> None:
 
 
 def check_args(input, out, activation, expert_ids, expert_step, index=None) -> None:
-    _check(
-        activation in reference.ACTIVATIONS,
-        f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
-    )
+    check_activation(activation, "act_and_mul")
     _check(input.dim() >= 1, "input must have at least one dim")
     _check(input.dtype in DTYPES, f"input dtype must be {DTYPE_NAMES}, got {input.dtype}")
     two_d = input.shape[-1]

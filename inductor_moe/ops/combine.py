@@ -103,6 +103,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     expert_out, w, topk_ids, src_rows = ctx.saved_tensors
     expert_lo, expert_hi, renormalize = ctx.filter
+    w_dtype = w.dtype
     tokens, k = w.shape
     device = expert_out.device
     rows = torch.arange(tokens * k, device=device).view(tokens, k) if src_rows is None else src_rows.long()
@@ -122,7 +123,7 @@ def _backward(ctx, grad):
     grad_w = torch.where(live, (gathered * dout.unsqueeze(1)).sum(-1), 0.0)
     if renormalize:
         grad_w = (grad_w - (grad_w * w.float()).sum(-1, keepdim=True)) / total
-    return grad_eo.to(expert_out.dtype), grad_w.to(ctx.saved_tensors[1].dtype), None, None, None, None, None, None
+    return grad_eo.to(expert_out.dtype), grad_w.to(w_dtype), None, None, None, None, None, None
 
 
 torch.library.register_autograd("inductor_moe::moe_combine", _backward, setup_context=_setup_context)

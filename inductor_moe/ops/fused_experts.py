@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from ..indexing import MAX_INDEX
-from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, define, lib
+from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, check_activation, define, lib
 
 define(
     "fused_experts(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
@@ -24,10 +24,7 @@ def check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w
     def _check(cond, msg):
         check(cond, msg, "fused_experts")
 
-    _check(
-        activation in reference.ACTIVATIONS,
-        f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
-    )
+    check_activation(activation, "fused_experts")
     _check(hidden.dim() == 2, f"hidden must be 2-D [tokens, hidden_size], got shape {list(hidden.shape)}")
     _check(hidden.dtype in DTYPES, f"hidden dtype must be {DTYPE_NAMES}, got {hidden.dtype}")
     tokens, hidden_size = hidden.shape

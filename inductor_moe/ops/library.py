@@ -32,6 +32,14 @@ def check(cond, msg: str, op: str) -> None:
     torch._check(cond, lambda: f"inductor_moe.{op}: {msg}")
 
 
+def check_activation(activation: str, op: str) -> None:
+    check(
+        activation in reference.ACTIVATIONS,
+        f"activation must be one of 'silu', 'gelu', 'gelu_tanh', got '{activation}'",
+        op,
+    )
+
+
 def expert_bounds(expert_range: tuple[int, int] | None) -> tuple[int, int]:
     """The public ``expert_range`` as the ops' (expert_lo, expert_hi); the default makes -1 the dead marker."""
     return (reference.EXPERT_LO, reference.EXPERT_HI) if expert_range is None else expert_range
