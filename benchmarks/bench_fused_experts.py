@@ -1,7 +1,8 @@
 """A MoE layer's routed experts: the floor, stock torch.compile, the grouped-GEMM runner and ``fused_experts``.
 
-    python benchmarks/bench_fused_experts.py [--shapes qwen3,mixtral] [--tokens 1,16,256,2048] [--autotune]
+    python benchmarks/bench_fused_experts.py [--shapes qwen3,mixtral] [--tokens 1,16,256,2048] [--autotune all|16,256]
     python benchmarks/bench_fused_experts.py --tune [--shapes ...] [--tokens ...]   # writes the config table
+    python benchmarks/bench_fused_experts.py --profile [--shapes ...] [--tokens ...]  # fused_experts kernel by kernel
 
 Shapes: Qwen3-30B-A3B (hidden 2048, 128 experts, top-8, intermediate 768) and Mixtral-8x7B (hidden 4096, 8
 experts, top-2, intermediate 14336), bf16, weights N(0, 0.02), with all experts local and with 1/8 of them (the
@@ -11,7 +12,8 @@ first E/8; every other pair dead). Columns, each from routed ids and weights to 
   pairs' FLOPs over a bf16 GEMM's rate, both measured in this run;
 - inductor: ``torch.compile`` of inductor_moe.testing.grouped_experts (stable sort, two ``F.grouped_mm``, the
   masked activation, the weighted sum), default mode; with ``--autotune`` also
-  ``mode="max-autotune-no-cudagraphs"`` (Inductor's Triton grouped-GEMM template);
+  ``mode="max-autotune-no-cudagraphs"`` (Inductor's Triton grouped-GEMM template), at every T or those listed
+  (its compiles take minutes a point);
 - grouped runner: ``expert_sort`` + ``F.grouped_mm`` + our filtered activation + ``F.grouped_mm`` + our combine;
 - fused_experts: the op (``expert_sort``, the two Triton GEMMs, the combine).
 
@@ -24,6 +26,7 @@ inductor_moe/kernels/triton/fused_experts_configs.json under this device's name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -100,9 +103,12 @@ def calls(fn, xs, routes, *args):
 
 def bench(args, copy_gbs, tflops):
     rows = []
-    for shape, local_share in itertools.product(args.shapes.split(","), ("all", "1/8")):
+    token_list = list(map(int, args.tokens.split(",")))
+    autotune_at = set(token_list) if args.autotune == "all" else {int(t) for t in args.autotune.split(",") if t}
+    names = ["inductor", "grouped runner", "fused_experts"] + (["inductor max-autotune"] if autotune_at else [])
+    for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
         hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
-        for tokens in map(int, args.tokens.split(",")):
+        for tokens in token_list:
             routes = routings(tokens, experts, top_k, seed=tokens)
             xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
             torch._dynamo.reset()
@@ -113,7 +119,7 @@ def bench(args, copy_gbs, tflops):
                     x, w13, w2, w, ids, "silu", (lo, lo + w13.shape[0])
                 ),
             }
-            if args.autotune:
+            if tokens in autotune_at:
                 variants["inductor max-autotune"] = torch.compile(
                     grouped_experts, dynamic=False, mode="max-autotune-no-cudagraphs"
                 )
@@ -126,7 +132,14 @@ def bench(args, copy_gbs, tflops):
             )
             floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
             # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
-            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" if floor else f"{times[n]:.1f}" for n in variants]
+            cols = [
+                "not run"
+                if n not in times
+                else f"{times[n]:.1f} ({times[n] / floor:.2f}x)"
+                if floor
+                else f"{times[n]:.1f}"
+                for n in names
+            ]
             rows.append(
                 [
                     shape,
@@ -139,7 +152,6 @@ def bench(args, copy_gbs, tflops):
                 ]
             )
             print(rows[-1], flush=True)
-    names = list(variants)
     timing.table(
         "Routed experts, bf16, µs per call in a CUDA graph of 4 routings (x the floor)",
         ["shape", "local experts", "T", "floor", *names, "fused_experts / inductor", "max rel. diff to eager"],
@@ -196,7 +208,7 @@ def tune(args):
     table = json.loads(kernel.CONFIGS.read_text()) if kernel.CONFIGS.exists() else {}
     device = torch.cuda.get_device_name()
     entries = table.setdefault(device, {})
-    for shape, local_share in itertools.product(args.shapes.split(","), ("all", "1/8")):
+    for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
         hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
         gate, up = w13.chunk(2, dim=1)
         key = kernel.shape_key(local, inter, hidden, top_k)
@@ -238,26 +250,105 @@ def tune(args):
                 ]
                 end_to_end[label] = timing.graph_us(fns)
                 print(f"  {label}: {end_to_end[label]:.1f} us", flush=True)
-            entry = {
-                w: {f: getattr(t, f) for f in ("block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages")}
-                for w, t in best.items()
-            }
+            entry = {w: dataclasses.asdict(t) for w, t in best.items()}
             if end_to_end["grouped_mm"] < end_to_end["triton"]:
                 entry["path"] = "grouped_mm"
             entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = entry
             kernel.CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # point by point
 
 
+def kernel_bytes(routes, local, hidden, inter) -> dict[str, float]:
+    """Mean bytes each GEMM and the combine move a call (bf16): the distinct live experts' weights, the rows they
+    read and write (the gathered hidden rows counted once a pair, though mostly L2 hits), the combine's rows."""
+    out = {"fused_up_kernel": 0.0, "fused_down_kernel": 0.0, "combine": 0.0}
+    for _, ids in routes:
+        live = ids[(ids >= 0) & (ids < local)]
+        experts, pairs = live.unique().numel(), live.numel()
+        out["fused_up_kernel"] += 2 * (experts * 2 * inter * hidden + pairs * (hidden + inter))
+        out["fused_down_kernel"] += 2 * (experts * hidden * inter + pairs * (inter + hidden))
+        out["combine"] += 2 * (pairs * hidden + ids.shape[0] * hidden)
+    return {name: b / len(routes) for name, b in out.items()}
+
+
+def _stream_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def stream(w_ptr, experts_ptr, out_ptr, expert_elems, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (i, c): sum chunk c of expert experts[i]'s weights (read, nothing else)."""
+        e = tl.load(experts_ptr + tl.program_id(0)).to(tl.int64)
+        base = w_ptr + e * expert_elems + tl.program_id(1).to(tl.int64) * CHUNK
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(0, CHUNK, BLOCK):
+            acc += tl.load(base + i + tl.arange(0, BLOCK)).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(acc, 0))
+
+    return stream
+
+
+def read_floor_us(w, routes, local) -> float:
+    """µs a read-only kernel takes to stream the distinct live experts' slices of ``w`` (contiguous [E, ...]),
+    the fastest of a few chunk sizes: what reading those bytes costs a kernel of this size, ramp and tail
+    included, where the copy rate is a 1 GiB stream's."""
+    stream = _stream_kernel()
+    per_expert = w[0].numel()
+    lists = [ids[(ids >= 0) & (ids < local)].unique().to(torch.int32) for _, ids in routes]
+    best = float("inf")
+    for chunk in (1 << 15, 1 << 16, 1 << 17, 1 << 18):
+        if per_expert % chunk:
+            continue
+        outs = [torch.empty(len(e), per_expert // chunk, device="cuda") for e in lists]
+        fns = [
+            lambda e=e, o=o: stream[(len(e), per_expert // chunk)](w, e, o, per_expert, CHUNK=chunk, BLOCK=2048)
+            for e, o in zip(lists, outs)
+        ]
+        best = min(best, timing.graph_us(fns))
+    return best
+
+
+def profile(args):
+    """fused_experts at each point, kernel by kernel: each kernel's median µs in a CUDA graph cycling through the
+    routings, the gap before it, and for the GEMMs and the combine the bytes they move over that time as a share
+    of the copy rate; the span of a call; and the read floor of each GEMM's weights (:func:`read_floor_us`).
+    With PDL a kernel starts before the one it waits for ends, so run it with INDUCTOR_MOE_PDL=0 for each kernel's
+    own time (the benchmark's table times the op with PDL)."""
+    from profile_moe_block import profile as profile_graph
+
+    copy_gbs = timing.report_copy_bandwidth()
+    for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
+        hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
+        for tokens in map(int, args.tokens.split(",")):
+            routes = routings(tokens, experts, top_k, seed=tokens)
+            xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
+            fns = calls(lambda x, w, ids: im.fused_experts(x, w13, w2, w, ids, "silu", (0, local)), xs, routes)
+            step = itertools.count()
+            rows, span = profile_graph(lambda: fns[next(step) % len(fns)]())
+            moved = kernel_bytes(routes, local, hidden, inter)
+            print(f"\n{shape} {local_share} T={tokens}: {span:.1f} us a call; kernel µs, gap before it")
+            for name, us, gap in rows:
+                nbytes = next((b for k, b in moved.items() if k in name), None)
+                note = f"  {nbytes / 1e6:.1f} MB, {nbytes / (us * 1e3) / copy_gbs:.0%} of copy" if nbytes else ""
+                print(f"  {name[:60]:<60} {us:8.1f} {gap:6.1f}{note}")
+            if tokens:
+                floors = [read_floor_us(w, routes, local) for w in (w13, w2)]
+                print(f"  read floor of the weights: up {floors[0]:.1f} us, down {floors[1]:.1f} us")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3,mixtral")
     parser.add_argument("--tokens", default="1,16,256,2048")
-    parser.add_argument("--autotune", action="store_true", help="also time stock max-autotune-no-cudagraphs")
+    parser.add_argument("--locals", default="all,1/8", help="local experts: all, 1/8 or both")
+    parser.add_argument(
+        "--autotune", default="", help="'all' or the T (comma-separated) at which to also time stock max-autotune"
+    )
     parser.add_argument("--tune", action="store_true", help="tune the tile configs instead of benchmarking")
+    parser.add_argument("--profile", action="store_true", help="fused_experts kernel by kernel instead")
     args = timing.cli(parser)
     timing.header()
-    if args.tune:
-        tune(args)
+    if args.tune or args.profile:
+        (tune if args.tune else profile)(args)
         return
     copy_gbs = timing.report_copy_bandwidth()
     tflops = gemm_tflops()

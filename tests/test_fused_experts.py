@@ -266,6 +266,7 @@ def test_config_table_and_heuristic():
                 for tile in (kernel.Tile(**entry["up"]), kernel.Tile(**entry["down"])):
                     assert tile.block_m >= 16 and tile.block_n >= 16 and tile.block_k >= 16
                 assert entry.get("path", "triton") in ("triton", "grouped_mm")
+    assert set(kernel.SAME_ARCH.values()) <= set(kernel._tuned()), "an architecture's fallback table is missing"
     assert kernel.token_bucket(1) == 1 and kernel.token_bucket(17) == 32 and kernel.token_bucket(0) == 1
     small = kernel.config_for(1, 3, 40, 24, 2, torch.bfloat16, torch.device("cpu"))
     assert small == kernel.heuristic_config(1, 3, 2, torch.bfloat16) and small.up.block_m == 16

@@ -262,18 +262,30 @@ def _tuned() -> dict:
     return json.loads(CONFIGS.read_text()) if CONFIGS.exists() else {}
 
 
+# Devices without their own table take that of a tuned device of the same architecture: the H200 has the H100's
+# SMs and tensor cores (its faster memory only moves points towards the compute-bound tiles).
+SAME_ARCH = {(9, 0): "NVIDIA H100 80GB HBM3"}
+
+
 @functools.cache
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def _device_tables(device: torch.device) -> tuple[dict, ...]:
+    """This device's table, then that of the tuned device of its architecture."""
+    if device.type != "cuda":
+        return ()
+    tables = _tuned()
+    own = torch.cuda.get_device_name(device)
+    same = SAME_ARCH.get(torch.cuda.get_device_capability(device))
+    return tuple(tables[name] for name in dict.fromkeys((own, same)) if name in tables)
 
 
 def config_for(tokens, experts, inter, hidden_size, top_k, dtype, device) -> Config:
-    """The tuned config of this device, shape and token bucket (16-bit inputs), else the heuristic's."""
+    """The tuned config of this shape and token bucket (16-bit inputs) from this device's table or its
+    architecture's, else the heuristic's."""
     if dtype != torch.float32:
-        entry = _tuned().get(_device_name(device), {}).get(shape_key(experts, inter, hidden_size, top_k), {})
-        found = entry.get(str(token_bucket(tokens)))
-        if found is not None:
-            return Config(Tile(**found["up"]), Tile(**found["down"]), found.get("path", "triton"))
+        for table in _device_tables(device):
+            found = table.get(shape_key(experts, inter, hidden_size, top_k), {}).get(str(token_bucket(tokens)))
+            if found is not None:
+                return Config(Tile(**found["up"]), Tile(**found["down"]), found.get("path", "triton"))
     return heuristic_config(tokens, experts, top_k, dtype)
 
 
