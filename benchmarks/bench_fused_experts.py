@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import sys
@@ -76,12 +77,17 @@ def gemm_tflops() -> float:
     return 2 * 8192**3 / (us * 1e-6) / 1e12
 
 
+def live_ids(ids, lo, local):
+    """The routed ids of the local experts lo..lo + local - 1 (one per live pair)."""
+    return ids[(ids >= lo) & (ids < lo + local)]
+
+
 def floor_us(routes, lo, local, hidden, inter, copy_gbs, tflops) -> float:
     """Mean over the routings of max(weight bytes of the distinct live experts / copy rate, FLOPs / GEMM rate)."""
     per_expert = 3 * hidden * inter * 2
     floors = []
     for _, ids in routes:
-        live = ids[(ids >= lo) & (ids < lo + local)]
+        live = live_ids(ids, lo, local)
         bytes_us = live.unique().numel() * per_expert / (copy_gbs * 1e3)
         flops_us = 2 * live.numel() * 3 * hidden * inter / (tflops * 1e6)
         floors.append(max(bytes_us, flops_us))
@@ -132,14 +138,7 @@ def bench(args, copy_gbs, tflops):
             )
             floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
             # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
-            cols = [
-                "not run"
-                if n not in times
-                else f"{times[n]:.1f} ({times[n] / floor:.2f}x)"
-                if floor
-                else f"{times[n]:.1f}"
-                for n in names
-            ]
+            cols = [_cell(times.get(n), floor) for n in names]
             rows.append(
                 [
                     shape,
@@ -157,6 +156,12 @@ def bench(args, copy_gbs, tflops):
         ["shape", "local experts", "T", "floor", *names, "fused_experts / inductor", "max rel. diff to eager"],
         rows,
     )
+
+
+def _cell(us, floor) -> str:
+    if us is None:
+        return "not run"
+    return f"{us:.1f} ({us / floor:.2f}x)" if floor else f"{us:.1f}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -262,7 +267,7 @@ def kernel_bytes(routes, local, hidden, inter) -> dict[str, float]:
     read and write (the gathered hidden rows counted once a pair, though mostly L2 hits), the combine's rows."""
     out = {"fused_up_kernel": 0.0, "fused_down_kernel": 0.0, "combine": 0.0}
     for _, ids in routes:
-        live = ids[(ids >= 0) & (ids < local)]
+        live = live_ids(ids, 0, local)
         experts, pairs = live.unique().numel(), live.numel()
         out["fused_up_kernel"] += 2 * (experts * 2 * inter * hidden + pairs * (hidden + inter))
         out["fused_down_kernel"] += 2 * (experts * hidden * inter + pairs * (inter + hidden))
@@ -270,6 +275,7 @@ def kernel_bytes(routes, local, hidden, inter) -> dict[str, float]:
     return {name: b / len(routes) for name, b in out.items()}
 
 
+@functools.cache
 def _stream_kernel():
     import triton
     import triton.language as tl
@@ -293,14 +299,16 @@ def read_floor_us(w, routes, local) -> float:
     included, where the copy rate is a 1 GiB stream's."""
     stream = _stream_kernel()
     per_expert = w[0].numel()
-    lists = [ids[(ids >= 0) & (ids < local)].unique().to(torch.int32) for _, ids in routes]
+    lists = [live_ids(ids, 0, local).unique().to(torch.int32) for _, ids in routes]
     best = float("inf")
     for chunk in (1 << 15, 1 << 16, 1 << 17, 1 << 18):
         if per_expert % chunk:
             continue
         outs = [torch.empty(len(e), per_expert // chunk, device="cuda") for e in lists]
-        fns = [
-            lambda e=e, o=o: stream[(len(e), per_expert // chunk)](w, e, o, per_expert, CHUNK=chunk, BLOCK=2048)
+        fns = [  # a routing with no live expert reads nothing
+            lambda e=e, o=o: (
+                stream[(len(e), per_expert // chunk)](w, e, o, per_expert, CHUNK=chunk, BLOCK=2048) if len(e) else None
+            )
             for e, o in zip(lists, outs)
         ]
         best = min(best, timing.graph_us(fns))
