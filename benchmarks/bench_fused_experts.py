@@ -168,43 +168,38 @@ def _cell(us, floor) -> str:
 # Tuning
 
 
-def _tiles(rows):
-    return [kernel.Tile(*row) for row in rows]
+def _tiles(rows, tma=()):
+    """Tiles from (block_m, block_n, block_k, group_m, num_warps, num_stages) rows; those listed in ``tma`` also
+    with TMA boxes."""
+    return [kernel.Tile(*row) for row in rows] + [kernel.Tile(*row, tma=True) for row in tma]
 
 
-# (block_m, block_n, block_k, group_m, num_warps, num_stages): narrow, deep tiles for decode, wide ones with grouped
-# order for the compute-bound points; the down GEMM (one accumulator) also tries 256 columns
+# narrow, deep tiles for decode, wide ones with grouped order for the compute-bound points; the down GEMM (one
+# accumulator) also tries 256 columns
+_DECODE = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 64, 1, 4, 4), (16, 32, 256, 1, 4, 3)]
+_WIDE = [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)]
 TILES = {
     "up": _tiles(
         [
-            (16, 32, 128, 1, 4, 4),
-            (16, 64, 128, 1, 4, 4),
-            (16, 64, 64, 1, 4, 4),
+            *_DECODE,
+            *_WIDE,
             (16, 128, 128, 1, 4, 3),
-            (16, 32, 256, 1, 4, 3),
             (32, 64, 128, 1, 4, 3),
             (64, 64, 64, 4, 4, 3),
-            (64, 128, 64, 8, 8, 3),
-            (64, 128, 64, 8, 4, 4),
-            (128, 128, 64, 8, 8, 3),
-            (128, 128, 64, 8, 8, 4),
             (128, 64, 64, 8, 4, 4),
-        ]
+        ],
+        tma=[(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 3), *_WIDE],
     ),
     "down": _tiles(
         [
-            (16, 32, 128, 1, 4, 4),
-            (16, 64, 128, 1, 4, 4),
-            (16, 64, 64, 1, 4, 4),
+            *_DECODE,
+            *_WIDE,
             (16, 16, 256, 1, 4, 3),
-            (16, 32, 256, 1, 4, 3),
             (32, 64, 128, 1, 4, 3),
             (64, 64, 64, 4, 4, 3),
-            (64, 128, 64, 8, 4, 4),
-            (128, 128, 64, 8, 8, 3),
-            (128, 128, 64, 8, 8, 4),
             (128, 256, 64, 8, 8, 3),
-        ]
+        ],
+        tma=[(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 3), *_WIDE, (128, 256, 64, 8, 8, 3)],
     ),
 }
 
@@ -250,7 +245,7 @@ def tune(args):
             end_to_end = {}
             for label, cfg in paths.items():
                 fns = [
-                    lambda x=x, w=w, ids=ids, c=cfg: run_kernels(x, w13, w2, w, ids, "silu", 0, False, None, c)
+                    lambda x=x, w=w, ids=ids, c=cfg: run_kernels(x, w13, w2, w, ids, "silu", 0, False, None, tiles=c)
                     for x, (w, ids) in zip(xs, routes)
                 ]
                 end_to_end[label] = timing.graph_us(fns)

@@ -196,6 +196,7 @@ def fused_experts_ref(
     expert_lo: int = 0,
     renormalize: bool = False,
     w3: torch.Tensor | None = None,
+    zero_dead_rows: bool = False,
 ) -> torch.Tensor:
     """A MoE layer's routed experts: ``out[t] = sum_k live(t, k) * w[t, k] * expert_{id - lo}(hidden[t])``, with
     ``expert_e(x) = (act(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T``; [T, H] in hidden's dtype.
@@ -206,7 +207,8 @@ def fused_experts_ref(
     projections accumulate in fp32, ``act(gate) * up`` in fp32 is rounded once to hidden's dtype (the down
     projection's input), the down projection accumulates in fp32 and is rounded to hidden's dtype (one row a
     pair), and the weighted sum over k is :func:`moe_combine_ref`'s (fp32, rounded once; with ``renormalize``
-    the weights are first divided by their sum over k, dead pairs included)."""
+    the weights are first divided by their sum over k, dead pairs included; with ``zero_dead_rows`` a dead pair
+    adds ``w * 0``)."""
     tokens, k = topk_ids.shape
     experts = w13.shape[0]
     gate_w, up_w = (w13.chunk(2, dim=1)) if w3 is None else (w13, w3)
@@ -218,4 +220,4 @@ def fused_experts_ref(
         x = hidden[pairs // k].to(acc)
         a = (activation_ref(x @ gate_w[e].to(acc).T, activation) * (x @ up_w[e].to(acc).T)).to(hidden.dtype)
         y[pairs] = (a.to(acc) @ w2[e].to(acc).T).to(hidden.dtype)
-    return moe_combine_ref(y, topk_weights, topk_ids, expert_lo, expert_lo + experts, renormalize=renormalize)
+    return moe_combine_ref(y, topk_weights, topk_ids, expert_lo, expert_lo + experts, None, zero_dead_rows, renormalize)

@@ -459,6 +459,7 @@ def _experts_samples(device):
     return {
         "bf16, -1 and sentinel ids": (op, (x, w13, w2, w, ids.masked_fill(ids == 2, -1), "silu", 0, False)),
         "fp32, local range, renormalize": (op, (x32, w13_32, w2_32, w32, ids32.int(), "gelu", 1, True)),
+        "sentinel ids adding w * 0": (op, (x, w13, w2, w, ids, "silu", 0, False, None, True)),
         "w3, transposed w2": (
             op,
             (

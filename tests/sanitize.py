@@ -15,6 +15,8 @@ import torch
 
 import inductor_moe as im
 from inductor_moe import reference
+from inductor_moe.kernels.triton import fused_experts as kernel
+from inductor_moe.ops.fused_experts import run_kernels
 
 
 def main():
@@ -71,6 +73,10 @@ def main():
         ref = reference.fused_experts_ref(x, w13, w2, w, ids, "silu", lo, True)
         torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
         del split
+        # TMA boxes for the weights and the down GEMM's rows (their last box partial in every dim)
+        tma = kernel.Config(kernel.Tile(64, 64, 64, tma=True), kernel.Tile(64, 64, 64, tma=True))
+        got = run_kernels(x, w13, w2.contiguous(), w, ids, "silu", lo, True, None, tiles=tma)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
     torch.cuda.synchronize()
     print("sanitize: done")
 

@@ -14,6 +14,7 @@ import torch
 import inductor_moe as im
 from inductor_moe import reference
 from inductor_moe.kernels.triton import fused_experts as kernel
+from inductor_moe.ops.fused_experts import group
 
 from helpers import DEVICES, interpreter_results
 
@@ -112,6 +113,26 @@ def test_op_matches_reference(device, dtype, layout, filt, tokens, hidden, inter
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_zero_dead_rows_propagates_non_finite_dead_weights(device):
+    # a dead pair adds w * 0: nothing for a finite weight, NaN for a NaN or infinite one (what zeroing the dead
+    # rows, then weighting them computes); live pairs as without the flag
+    x, w13, w2, w, ids, rng, _ = layer(6, 64, 32, 8, 3, torch.bfloat16, device, filt="id >= E sentinel")
+    dead = (ids < rng[0]) | (ids >= rng[1])
+    assert dead.any() and (~dead).any()
+    plain = im.fused_experts(x, w13, w2, w, ids, "silu", rng)
+    assert torch.equal(im.fused_experts(x, w13, w2, w, ids, "silu", rng, zero_dead_rows=True), plain)
+    w = w.clone()
+    t, j = [int(i) for i in dead.nonzero()[0]]
+    w[t, j] = float("inf")
+    out = im.fused_experts(x, w13, w2, w, ids, "silu", rng, zero_dead_rows=True)
+    assert out[t].isnan().all()
+    others = torch.arange(6, device=device) != t
+    assert torch.equal(out[others], plain[others])
+    assert torch.equal(im.fused_experts(x, w13, w2, w, ids, "silu", rng)[others], plain[others])
+    assert not im.fused_experts(x, w13, w2, w, ids, "silu", rng)[t].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tokens", [0, 1, 7, 37, 300])
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_sizes_and_renormalize(device, tokens, renormalize):
@@ -151,14 +172,15 @@ def configs():
         for buckets in shapes.values():
             for c in buckets.values():
                 tiles |= {kernel.Tile(**c["up"]), kernel.Tile(**c["down"])}
+    tiles |= {dataclasses.replace(t, tma=not t.tma) for t in tiles}  # each with and without TMA boxes
     return sorted(tiles, key=dataclasses.astuple)
 
 
 def run_poisoned(x, w13, w2, ids, rng, w3, activation, tile):
-    """up and down into NaN-filled buffers: (a, y, live sorted rows)."""
+    """up and down into NaN-filled buffers: (a, y, order, live sorted rows), grouped as the op groups them."""
     top_k = ids.shape[1]
     gate, up = w13.chunk(2, dim=1) if w3 is None else (w13, w3)
-    order, offs, _ = im.expert_sort(ids, rng)
+    order, offs, _ = group(ids, rng[0], rng[1] - rng[0])
     n = ids.numel()
     a = torch.full((n, gate.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
     y = torch.full((n, x.shape[1]), float("nan"), dtype=x.dtype, device=x.device)
@@ -172,7 +194,7 @@ def check_poisoned(x, w13, w2, ids, rng, w3, activation, tile, dtype):
     assert not a[:live].isnan().any() and not y[:live].isnan().any(), "a live row was not written"
     assert a[live:].isnan().all() and y[live:].isnan().all(), "a dead row was written"
     inter = w2.shape[2]
-    pairs = order[:live]
+    pairs = order[:live].long()
     experts_of = ids.reshape(-1)[pairs].long() - rng[0]
     xs = x[pairs // ids.shape[1]].float()
     gate = (w13[:, :inter] if w3 is None else w13)[experts_of].float()
@@ -192,6 +214,44 @@ def test_every_config_writes_live_rows_only(tile, dtype):
     # 300 tokens x 4 of 12 local experts: several row blocks an expert, partial last blocks, dead rows sorted last
     x, w13, w2, _, ids, rng, w3 = layer(300, 200, 88, 12, 4, dtype, "cuda", "w13 + w3", "local range")
     check_poisoned(x, w13, w2, ids, rng, w3, "silu", tile, dtype)
+
+
+def check_group(ids, rng):
+    """The op's grouping of ``ids``: a permutation putting each local expert's pairs together in expert order
+    and the dead ones last, ``offs`` the experts' end rows, ``src_rows`` its inverse."""
+    order, offs, src_rows = group(ids, rng[0], rng[1] - rng[0])
+    flat = ids.reshape(-1).long().cpu()
+    n, experts = flat.numel(), rng[1] - rng[0]
+    order, offs, src_rows = order.long().cpu(), offs.long().cpu(), src_rows.long().cpu()
+    assert torch.equal(order.sort().values, torch.arange(n)), "order is not a permutation"
+    assert torch.equal(src_rows[order], torch.arange(n)), "src_rows is not order's inverse"
+    local = flat - rng[0]
+    groups = torch.where((local >= 0) & (local < experts), local, experts)
+    assert torch.equal(offs, torch.bincount(groups, minlength=experts + 1)[:experts].cumsum(0))
+    assert bool((groups[order].diff() >= 0).all()), "a group's rows are not together, in expert order"
+
+
+GROUP_CASES = [  # (tokens, k, experts, expert_range, ids dtype, ids transposed): both grouping kernels
+    (1, 8, 128, (0, 128), torch.int64, False),
+    (37, 8, 128, (0, 16), torch.int32, False),
+    (300, 8, 128, (0, 128), torch.int64, True),
+    (700, 2, 16, (5, 9), torch.int32, True),
+    (1500, 4, 4, (0, 4), torch.int64, False),
+    (3000, 8, 128, (0, 16), torch.int32, False),  # 12 blocks of pairs, most of them dead
+    (40000, 8, 512, (0, 512), torch.int64, False),  # more than the counting kernels hold: expert_sort's
+]
+
+
+def group_case(tokens, top_k, experts, rng, dtype, transposed, device):
+    gen = torch.Generator().manual_seed(tokens)
+    ids = torch.randint(-1, experts + 1, (top_k, tokens) if transposed else (tokens, top_k), generator=gen)
+    return (ids.t() if transposed else ids).to(dtype).to(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GROUP_CASES, ids=str)
+def test_grouping(case):
+    check_group(group_case(*case, "cuda"), case[3])
 
 
 INTERPRETER_CASES = [
@@ -218,20 +278,29 @@ def run_interpreter_cases() -> dict[str, str]:
         dtype = getattr(torch, dtype_name)
         try:
             x, w13, w2, w, ids, rng, w3 = layer(7, 40, 24, 6, 3, dtype, "cpu", layout, filt)
-            check_poisoned(x, w13, w2, ids, rng, w3, activation, kernel.Tile(16, 16, 16), dtype)
-            out = run_kernels(x, w13, w2, w, ids, activation, rng[0], True, w3, kernel.heuristic_config(7, 6, 3, dtype))
+            for tma in (False, True):  # TMA boxes where the layout allows them, pointers where not
+                check_poisoned(x, w13, w2, ids, rng, w3, activation, kernel.Tile(16, 16, 16, tma=tma), dtype)
+            out = run_kernels(
+                x, w13, w2, w, ids, activation, rng[0], True, w3, tiles=kernel.heuristic_config(7, 6, 3, dtype)
+            )
             ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True, w3)
             # the interpreter truncates to bf16 where the GPU rounds: one more ulp
             assert_close_to_reference(out, ref, dtype)
             results[repr((dtype_name, layout, filt, activation))] = "ok"
         except AssertionError as e:
             results[repr((dtype_name, layout, filt, activation))] = str(e)[-500:]
+    for case in GROUP_CASES:
+        try:
+            check_group(group_case(*case, "cpu"), case[3])
+            results[repr(case)] = "ok"
+        except AssertionError as e:
+            results[repr(case)] = str(e)[-500:]
     return results
 
 
 def test_triton_kernels_in_interpreter():
     results = interpreter_results("test_fused_experts", "run_interpreter_cases")
-    assert len(results) == len(INTERPRETER_CASES)
+    assert len(results) == len(INTERPRETER_CASES) + len(GROUP_CASES)
     failed = {case: why for case, why in results.items() if why != "ok"}
     assert not failed, failed
 
@@ -247,13 +316,26 @@ def test_grouped_mm_path(device, filt):
     assert grouped_mm_fits(x, w13, w2, None)
     tile = kernel.Tile(16, 16, 16)
     for activation in reference.ACTIVATIONS:
-        out = run_kernels(x, w13, w2, w, ids, activation, rng[0], True, None, kernel.Config(tile, tile, "grouped_mm"))
+        out = run_kernels(
+            x, w13, w2, w, ids, activation, rng[0], True, None, tiles=kernel.Config(tile, tile, "grouped_mm")
+        )
         ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True)
         assert_close_to_reference(out, ref, torch.bfloat16)
     # layouts and dtypes torch's grouped GEMM does not take as they are stay on the Triton kernels
     assert not grouped_mm_fits(x.float(), w13.float(), w2.float(), None)
     assert not grouped_mm_fits(x, w13[:, :48], w2, w13[:, 48:])
     assert not grouped_mm_fits(x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2, None)
+
+
+@pytest.mark.cuda
+def test_deterministic_across_calls():
+    # the counting grouping orders an expert's rows as its atomics land; each row's results are its own, so the
+    # output is the same bits every call
+    x, w13, w2, w, ids, rng, _ = layer(600, 128, 64, 16, 8, torch.bfloat16, "cuda", filt="local range")
+    assert ids.numel() > kernel.STABLE_SORT_MAX_PAIRS
+    first = im.fused_experts(x, w13, w2, w, ids, "silu", rng)
+    for _ in range(5):
+        assert torch.equal(im.fused_experts(x, w13, w2, w, ids, "silu", rng), first)
 
 
 def test_config_table_and_heuristic():

@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..indexing import MAX_INDEX
+from ..indexing import MAX_INDEX, row_strides
 from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, check_activation, define, lib
 
 define(
     "fused_experts(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-    "str activation='silu', int expert_lo=0, bool renormalize=False, Tensor? w3=None) -> Tensor"
+    "str activation='silu', int expert_lo=0, bool renormalize=False, Tensor? w3=None, bool zero_dead_rows=False) "
+    "-> Tensor"
 )
 
 MAX_EXPERTS = 512
@@ -74,26 +75,61 @@ def check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w
 
 
 @torch.library.register_fake("inductor_moe::fused_experts")
-def _fake(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+def _fake(
+    hidden,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    activation="silu",
+    expert_lo=0,
+    renormalize=False,
+    w3=None,
+    zero_dead_rows=False,
+):
     check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
     return hidden.new_empty(hidden.shape)
 
 
 @torch.library.impl(lib, "fused_experts", "CPU")
-def _cpu(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+def _cpu(
+    hidden,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    activation="silu",
+    expert_lo=0,
+    renormalize=False,
+    w3=None,
+    zero_dead_rows=False,
+):
     check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
     return reference.fused_experts_ref(
-        hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3
+        hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows
     ).contiguous()
 
 
 @torch.library.impl(lib, "fused_experts", "CUDA")
-def _cuda(hidden, w13, w2, topk_weights, topk_ids, activation="silu", expert_lo=0, renormalize=False, w3=None):
+def _cuda(
+    hidden,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    activation="silu",
+    expert_lo=0,
+    renormalize=False,
+    w3=None,
+    zero_dead_rows=False,
+):
     check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
-    return run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3)
+    return run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows)
 
 
-def run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, tiles=None):
+def run_kernels(
+    hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows=False, tiles=None
+):
     """The CUDA sequence (also the interpreter's, on CPU tensors under TRITON_INTERPRET=1): group, up, down,
     combine. ``tiles`` overrides the config table (the benchmark's tuning)."""
     from ..kernels.triton import fused_experts as kernel
@@ -106,7 +142,7 @@ def run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, 
     if tokens * top_k == 0:
         return hidden.new_zeros(hidden.shape)
     local = (expert_lo, expert_lo + experts)
-    order, offs, src_rows = torch.ops.inductor_moe.expert_sort.default(topk_ids, *local)
+    order, offs, src_rows = group(topk_ids, expert_lo, experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
     if tiles.path == "grouped_mm" and grouped_mm_fits(hidden, w13, w2, w3):
         y = _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local)
@@ -116,8 +152,24 @@ def run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, 
         y = hidden.new_empty(tokens * top_k, hidden_size)
         kernel.down(a, w2, offs, y, tiles.down)
     return torch.ops.inductor_moe.moe_combine.default(
-        y, topk_weights, topk_ids, *local, src_rows.view(tokens, top_k), False, renormalize
+        y, topk_weights, topk_ids, *local, src_rows.view(tokens, top_k), zero_dead_rows, renormalize
     )
+
+
+def group(topk_ids, expert_lo: int, experts: int):
+    """(order, offs, src_rows) of the routed pairs grouped by local expert: ``expert_sort`` (stable) for a few
+    pairs and for more than the counting kernels hold, the counting kernels between (an expert's order within a
+    block of pairs is their atomics'; nothing this op computes depends on it)."""
+    from ..kernels.triton import fused_experts as kernel
+
+    pairs = topk_ids.numel()
+    if pairs <= kernel.STABLE_SORT_MAX_PAIRS or not kernel.group_fits(pairs, experts):
+        return torch.ops.inductor_moe.expert_sort.default(topk_ids, expert_lo, expert_lo + experts)
+    order = torch.empty(pairs, dtype=torch.int32, device=topk_ids.device)
+    src_rows = torch.empty_like(order)
+    offs = torch.empty(experts, dtype=torch.int32, device=topk_ids.device)
+    kernel.group(topk_ids, row_strides(topk_ids), expert_lo, experts, order, offs, src_rows)
+    return order, offs, src_rows
 
 
 def grouped_mm_fits(hidden, w13, w2, w3) -> bool:
@@ -164,6 +216,7 @@ def fused_experts(
     expert_range: tuple[int, int] | None = None,
     renormalize: bool = False,
     w3: torch.Tensor | None = None,
+    zero_dead_rows: bool = False,
 ) -> torch.Tensor:
     """A MoE layer's routed experts: ``out[t] = sum_k live(t, k) * w[t, k] * expert_{id - lo}(hidden[t])``,
     ``expert_e(x) = (act(x @ gate_e.T) * (x @ up_e.T)) @ w2[e].T``; [T, H] in hidden's dtype.
@@ -173,11 +226,13 @@ def fused_experts(
     tensor stored [E, H, 2I] is passed transposed (``.transpose(1, 2)``, no copy: any strides are read);
     ``w2`` [E, H, I] likewise. ``expert_range=(lo, hi)`` with ``hi - lo = E`` says which experts this rank
     holds (default ``(0, E)``): pairs whose id lies outside it (``-1``, the ``id >= E`` sentinel, other ranks'
-    experts) are dead, never computed or read. ``renormalize`` divides the weights by their sum over k first.
+    experts) are dead, never computed or read; with ``zero_dead_rows`` a dead pair adds ``w * 0`` (NaN for a
+    non-finite weight), as code that zeroes dead rows and then weights them computes. ``renormalize`` divides
+    the weights by their sum over k first.
     Rounding: :func:`inductor_moe.reference.fused_experts_ref`. No gradient (inference).
     """
     experts = w13.shape[0]
     lo, hi = (0, experts) if expert_range is None else expert_range
     if hi - lo != experts:
         raise ValueError(f"inductor_moe.fused_experts: expert_range {expert_range} must span w13's {experts} experts")
-    return _fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, activation, lo, renormalize, w3)
+    return _fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, activation, lo, renormalize, w3, zero_dead_rows)

@@ -55,6 +55,7 @@ class Tile:
     group_m: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # the weight tiles (and the down GEMM's rows) by TMA boxes, where the layout allows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,30 @@ def _tile_ids(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _program(
+    offs_ptr,
+    n_cols,
+    num_experts,
+    num_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    E_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
+):
+    """What every GEMM program does first: the PDL wait (offs and the rows come from the kernels before), then
+    its (expert, first sorted row, the expert's end row, first column); expert == num_experts: nothing to do."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+    pid_m, pid_n = _tile_ids(num_m, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
+    expert, row0, end = _row_block(offs_ptr, pid_m, num_experts, BLOCK_M, E_POW2)
+    return expert, row0, end, pid_n * BLOCK_N
+
+
+@triton.jit
 def _activation(x, ACT: tl.constexpr):
     if ACT == 0:
         return x / (1.0 + tl.exp(-x))
@@ -132,36 +157,44 @@ def fused_up_kernel(
     stride_om,
     ACT: tl.constexpr,
     IEEE: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()  # before the first global read: offs and order come from the kernel before
-    pid_m, pid_n = _tile_ids(num_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    expert, row0, end = _row_block(offs_ptr, pid_m, num_experts, BLOCK_M, E_POW2)
+    expert, row0, end, n0 = _program(
+        offs_ptr, inter, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, USE_PDL, EARLY_TRIGGER
+    )
     if expert >= num_experts:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     tokens = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = hidden_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
-    e = expert.to(tl.int64)
-    g_ptrs = gate_ptr + e * stride_ge + cols[None, :].to(tl.int64) * stride_gn + ks[:, None] * stride_gk
-    u_ptrs = up_ptr + e * stride_ue + cols[None, :].to(tl.int64) * stride_un + ks[:, None] * stride_uk
+    if not WEIGHT_TMA:
+        e = expert.to(tl.int64)
+        g_ptrs = gate_ptr + e * stride_ge + cols[None, :].to(tl.int64) * stride_gn + ks[:, None] * stride_gk
+        u_ptrs = up_ptr + e * stride_ue + cols[None, :].to(tl.int64) * stride_un + ks[:, None] * stride_uk
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         k_ok = ks < hidden_size - k0
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if WEIGHT_TMA:  # [1, BLOCK_N, BLOCK_K] boxes, zero past the expert's columns and the hidden size
+            g = gate_ptr.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+            u = up_ptr.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            g = tl.load(g_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            g_ptrs += BLOCK_K * stride_gk
+            u_ptrs += BLOCK_K * stride_uk
         if IEEE:
             x = x.to(tl.float32)
             acc_g = tl.dot(x, g.to(tl.float32), acc_g, input_precision="ieee")
@@ -170,8 +203,6 @@ def fused_up_kernel(
             acc_g = tl.dot(x, g, acc_g)
             acc_u = tl.dot(x, u, acc_u)
         x_ptrs += BLOCK_K * stride_xk
-        g_ptrs += BLOCK_K * stride_gk
-        u_ptrs += BLOCK_K * stride_uk
     a = (_activation(acc_g, ACT) * acc_u).to(out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, a, mask=row_ok[:, None] & col_ok[None, :])
@@ -193,39 +224,137 @@ def fused_down_kernel(
     stride_wk,
     stride_om,
     IEEE: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
     USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
 ):
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-    pid_m, pid_n = _tile_ids(num_m, tl.cdiv(hidden_size, BLOCK_N), GROUP_M)
-    expert, row0, end = _row_block(offs_ptr, pid_m, num_experts, BLOCK_M, E_POW2)
+    expert, row0, end, n0 = _program(
+        offs_ptr, hidden_size, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, USE_PDL, EARLY_TRIGGER
+    )
     if expert >= num_experts:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden_size
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    if not TMA:
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+        w_ptrs += ks[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter, BLOCK_K):
-        k_ok = ks < inter - k0
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if TMA:  # rows past the expert's (the next expert's, or zeros) only reach columns never stored
+            a = a_ptr.load([row0, k0])
+            w = w_ptr.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+        else:
+            k_ok = ks < inter - k0
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
         if IEEE:
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Grouping by counting
+
+
+@triton.jit
+def _group_of(ids_ptr, pair, valid, ids_row_stride, ids_col_stride, expert_lo, experts, K: tl.constexpr):
+    """Each pair's group: its local expert, or ``experts`` (dead) outside [expert_lo, expert_lo + experts)."""
+    ids = tl.load(ids_ptr + (pair // K) * ids_row_stride + (pair % K) * ids_col_stride, mask=valid, other=0)
+    local = ids - expert_lo  # in ids' dtype: an int64 id far outside the range cannot wrap into it
+    return tl.where((local >= 0) & (local < experts), local, experts).to(tl.int32)
+
+
+@triton.jit
+def group_count_kernel(
+    ids_ptr,
+    counts_ptr,
+    cursor_ptr,
+    numel,
+    ids_row_stride,
+    ids_col_stride,
+    expert_lo,
+    experts,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BINS: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program p: the group counts of pairs [p * BLOCK, (p + 1) * BLOCK) into ``counts[p]``, and its row of
+    ``cursor`` zeroed for the scatter's atomics."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the scatter's wait still orders it after these stores
+    pid = tl.program_id(0)
+    pair = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = pair < numel
+    group = _group_of(ids_ptr, pair, valid, ids_row_stride, ids_col_stride, expert_lo, experts, K)
+    counts = tl.histogram(tl.where(valid, group, BINS - 1), BINS)  # padding in the last bin, never read
+    bins = tl.arange(0, BINS)
+    tl.store(counts_ptr + pid * BINS + bins, counts)
+    tl.store(cursor_ptr + pid * BINS + bins, tl.zeros((BINS,), dtype=tl.int32))
+
+
+@triton.jit
+def group_scatter_kernel(
+    ids_ptr,
+    counts_ptr,
+    cursor_ptr,
+    order_ptr,
+    src_rows_ptr,
+    offs_ptr,
+    numel,
+    programs,
+    ids_row_stride,
+    ids_col_stride,
+    expert_lo,
+    experts,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BINS: tl.constexpr,
+    P_POW2: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program p places pairs [p * BLOCK, (p + 1) * BLOCK): group g's rows start after every group before it and
+    after group g's pairs in programs before p; a live pair takes the next of those rows by an atomic on its
+    program's cursor of g, a dead one its rank among the program's dead pairs (no atomics on the dead group,
+    which holds most pairs when few experts are local). ``order[row] = pair``, ``src_rows[pair] = row``;
+    program 0 writes ``offs``."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    p = tl.arange(0, P_POW2)
+    bins = tl.arange(0, BINS)
+    counts = tl.load(counts_ptr + p[:, None] * BINS + bins[None, :], mask=(p < programs)[:, None], other=0)
+    total = tl.sum(counts, 0)
+    ends = tl.cumsum(total, 0)
+    base = ends - total + tl.sum(tl.where((p < pid)[:, None], counts, 0), 0)
+    if pid == 0:
+        tl.store(offs_ptr + bins, ends, mask=bins < experts)
+    pair = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = pair < numel
+    group = _group_of(ids_ptr, pair, valid, ids_row_stride, ids_col_stride, expert_lo, experts, K)
+    live = valid & (group < experts)
+    dead = (valid & (group == experts)).to(tl.int32)
+    slot = tl.atomic_add(cursor_ptr + pid * BINS + group, 1, mask=live, sem="relaxed")
+    dead_base = tl.sum(tl.where(bins == experts, base, 0), 0)
+    row = tl.where(live, tl.gather(base, group, 0) + slot, dead_base + tl.cumsum(dead, 0) - dead)
+    tl.store(order_ptr + row, pair, mask=valid)
+    tl.store(src_rows_ptr + pair, row, mask=valid)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -303,9 +432,60 @@ def _ieee(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 or t.device.type == "cpu"
 
 
+def _descriptor(t: torch.Tensor, block: list[int]):
+    """A TMA descriptor of ``t`` read in ``block`` boxes, or None where TMA does not read it: before sm90, fp32
+    (its IEEE dots take pointer loads), a strided last dim, an unaligned base or stride. (The interpreter reads
+    descriptors too, for CI.)"""
+    if t.dtype == torch.float32 or (t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9):
+        return None
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]) or 0 in t.shape:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block)
+
+
 def row_blocks(pairs: int, experts: int, block_m: int) -> int:
     """A bound on the non-empty row blocks, known without a sync: each expert's last block may be partial."""
     return min(pairs, experts) + pairs // block_m
+
+
+# Whether the GEMMs let the next kernel launch once every program has passed its wait (its CTAs then fill the
+# SMs this grid's tail leaves idle; its own wait still orders it after this one), or only as they exit.
+EARLY_TRIGGER = True
+GROUP_BLOCK = 2048  # pairs a program of the grouping kernels takes
+GROUP_MAX_CELLS = 1 << 14  # the scatter's programs each hold every program's counts (programs x bins) in registers
+STABLE_SORT_MAX_PAIRS = 256  # up to this many pairs expert_sort's one program is as fast as counting
+
+
+def group_fits(numel: int, experts: int) -> bool:
+    """Whether the counting kernels take ``numel`` pairs over ``experts`` local experts."""
+    programs = triton.cdiv(numel, GROUP_BLOCK)
+    return triton.next_power_of_2(programs) * triton.next_power_of_2(experts + 2) <= GROUP_MAX_CELLS
+
+
+def group(ids, ids_strides, expert_lo: int, experts: int, order, offs, src_rows) -> None:
+    """The routed pairs grouped by local expert by counting, in two launches over blocks of pairs: ``offs``
+    (int32 [E], each expert's end row), ``order`` (sorted row -> pair) and ``src_rows`` (pair -> sorted row),
+    int32 [pairs], the dead pairs after every live one. Unlike ``expert_sort``'s stable order, an expert's rows
+    from one block of pairs come in the order of the scatter's atomics; nothing fused_experts computes depends on
+    it (each row's GEMM results are its own, and the combine sums a token's rows in k order). Where a stable
+    sort's one program or a radix sort's ~10 launches take 13-19 us (H100, 2048-16384 pairs), these take a few."""
+    numel = order.numel()
+    programs = triton.cdiv(numel, GROUP_BLOCK)
+    bins = triton.next_power_of_2(experts + 2)  # the experts, the dead group, the padding's bin
+    pdl = _pdl(ids.device)
+    counts = torch.empty(programs, bins, dtype=torch.int32, device=ids.device)
+    cursor = torch.empty_like(counts)
+    common = dict(K=ids.shape[-1], BLOCK=GROUP_BLOCK, BINS=bins, USE_PDL=pdl, num_warps=8)
+    common |= {"launch_pdl": True} if pdl else {}
+    with contextlib.nullcontext() if ids.device.type == "cpu" else torch.cuda.device(ids.device):
+        group_count_kernel[(programs,)](ids, counts, cursor, numel, *ids_strides, expert_lo, experts, **common)
+        group_scatter_kernel[(programs,)](
+            ids, counts, cursor, order, src_rows, offs, numel, programs, *ids_strides, expert_lo, experts,
+            P_POW2=triton.next_power_of_2(programs), **common,
+        )  # fmt: skip
 
 
 def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: Tile) -> None:
@@ -317,11 +497,13 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
     if grid[0] == 0:
         return
     pdl = _pdl(hidden.device)
+    box = [1, tile.block_n, tile.block_k]
+    descs = (_descriptor(gate, box), _descriptor(up_w, box)) if tile.tma else (None, None)
+    tma = None not in descs
     with contextlib.nullcontext() if hidden.device.type == "cpu" else torch.cuda.device(hidden.device):
         fused_up_kernel[grid](
             hidden,
-            gate,
-            up_w,
+            *(descs if tma else (gate, up_w)),
             order,
             offs,
             out,
@@ -336,12 +518,14 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             out.stride(0),
             ACT=ACTIVATION_CODES[activation],
             IEEE=_ieee(hidden),
+            WEIGHT_TMA=tma,
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             GROUP_M=tile.group_m,
             E_POW2=triton.next_power_of_2(experts),
             USE_PDL=pdl,
+            EARLY_TRIGGER=EARLY_TRIGGER,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
             **({"launch_pdl": True} if pdl else {}),
@@ -356,10 +540,13 @@ def down(a, w2, offs, out, tile: Tile) -> None:
     if grid[0] == 0:
         return
     pdl = _pdl(a.device)
+    descs = (None, None)
+    if tile.tma:
+        descs = (_descriptor(a, [tile.block_m, tile.block_k]), _descriptor(w2, [1, tile.block_n, tile.block_k]))
+    tma = None not in descs
     with contextlib.nullcontext() if a.device.type == "cpu" else torch.cuda.device(a.device):
         fused_down_kernel[grid](
-            a,
-            w2,
+            *(descs if tma else (a, w2)),
             offs,
             out,
             inter,
@@ -370,12 +557,14 @@ def down(a, w2, offs, out, tile: Tile) -> None:
             *w2.stride(),
             out.stride(0),
             IEEE=_ieee(a),
+            TMA=tma,
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             GROUP_M=tile.group_m,
             E_POW2=triton.next_power_of_2(experts),
             USE_PDL=pdl,
+            EARLY_TRIGGER=EARLY_TRIGGER,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
             **({"launch_pdl": True} if pdl else {}),
