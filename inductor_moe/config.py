@@ -26,7 +26,7 @@ import os
 import shutil
 from pathlib import Path
 
-FAMILIES = ("gated_act", "topk_pack", "combine", "expert_sort")
+FAMILIES = ("gated_act", "topk_pack", "combine", "expert_sort", "experts")
 
 _overrides: dict[str, str] = {}
 

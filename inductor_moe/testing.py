@@ -7,6 +7,8 @@ the tests and the benchmarks compile to see the rewrites at work.
   (this rank owns experts [lo, hi); other experts' rows carry a sentinel and are masked before the
   activation), and a view * weights, sum over k combine.
 - :func:`grouped_experts`: GroupedMoE's experts alone, from the routed ids and weights.
+- :class:`TorchtitanMoE`: the grouping torchtitan writes: a stable argsort of the routed ids themselves, their
+  counts by ``scatter_add_``, the rows scattered back (``out[order] = y``).
 - :func:`moe_tail`: the pointwise tail of such a block alone.
 
 Both blocks take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
@@ -70,6 +72,26 @@ def grouped_experts(x, weights, ids, w13, w2, lo: int = 0):
     y = F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)
     y = torch.where(remote[:, None], 0, y)[torch.argsort(order)]  # back to token-major pairs
     return (y.view(tokens, k, -1) * weights[..., None]).sum(dim=1).to(x.dtype)
+
+
+class TorchtitanMoE(nn.Module):
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, top_k: int):
+        super().__init__()
+        self.w13, self.w2, self.top_k = nn.Parameter(w13), nn.Parameter(w2), top_k
+
+    def forward(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        k = self.top_k
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
+        order = torch.argsort(ids.view(-1), stable=True)
+        counts = torch.zeros(self.w13.shape[0], dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, ids.view(-1), torch.ones_like(ids.view(-1), dtype=torch.int32))
+        offs = counts.cumsum(0, dtype=torch.int32)
+        h = F.grouped_mm(x[order // k], self.w13.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        y = F.grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offs)
+        back = torch.empty_like(y)
+        back[order] = y
+        return (back.view(x.shape[0], k, -1) * weights[..., None]).sum(1).to(x.dtype)
 
 
 def moe_tail(h, row_ids, topk_ids, w, expert_out):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inductor_moe import reference
-from inductor_moe.testing import GroupedMoE, moe_tail
+from inductor_moe.testing import GroupedMoE, TorchtitanMoE, moe_tail
 
 from helpers import TOL, randn
 
@@ -72,11 +72,13 @@ def test_compiled_filtered_combine_skips_dead_rows():
     torch.testing.assert_close(out, reference.moe_combine_ref(expert_out, w, ids), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("experts_family", [False, True])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_compiled_grouped_block_reads_through_the_sort(tokens):
-    # inductor_moe/testing.py's GroupedMoE with a local range: the activation's ids and the combine's rows are
-    # both gathers by the expert sort, which the ops take as expert_ids_index and src_rows (no gathered copies);
-    # the grouped GEMM leaves the remote rows unwritten, which must never reach the result
+def test_compiled_grouped_block_reads_through_the_sort(tokens, experts_family):
+    # inductor_moe/testing.py's GroupedMoE with a local range: without the experts family, the activation's ids
+    # and the combine's rows are both gathers by the expert sort, which the ops take as expert_ids_index and
+    # src_rows (no gathered copies); the grouped GEMM leaves the remote rows unwritten, which must never reach the
+    # result. With it, the whole computation is one fused_experts (renormalised, dead pairs adding w * 0).
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
@@ -87,19 +89,24 @@ def test_compiled_grouped_block_reads_through_the_sort(tokens):
     block = GroupedMoE(w13, w2, k, (4, 12)).cuda()
     x = torch.randn(tokens, hidden, device="cuda").bfloat16()
     logits = torch.randn(tokens, experts, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), families(experts_family):
         out, code = run_and_get_code(torch.compile(block, backend="inductor_moe", dynamic=True), x, logits)
         eager = block(x, logits)
     code = "\n".join(code)
-    # live iff the sentinel id != 8 (the wrapped range (9, 8)); the activation's index is a buffer (the sort's)
-    assert re.search(r"inductor_moe\.act_and_mul\.default\(.*, 'silu', .*, 1, 9, 8, buf\d+\)", code), code
-    assert re.search(r"inductor_moe\.moe_combine\.default\(.*, 9, 8, .*, True\)", code), code  # zero_dead_rows
+    if experts_family:
+        assert re.search(r"inductor_moe\.fused_experts\.default\(.*, 'silu', 0, True, None, True\)", code), code
+        assert "_grouped_mm" not in code and "moe_combine" not in code, code
+    else:
+        # live iff the sentinel id != 8 (the wrapped range (9, 8)); the activation's index is a buffer (the sort's)
+        assert re.search(r"inductor_moe\.act_and_mul\.default\(.*, 'silu', .*, 1, 9, 8, buf\d+\)", code), code
+        assert re.search(r"inductor_moe\.moe_combine\.default\(.*, 9, 8, .*, True\)", code), code  # zero_dead_rows
     assert not out.isnan().any()
     torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
 
 
+@pytest.mark.parametrize("experts_family", [False, True])
 @pytest.mark.parametrize("tokens", [1, 37])
-def test_compiled_torchtitan_style_grouping_reads_in_place(tokens):
+def test_compiled_torchtitan_style_grouping_reads_in_place(tokens, experts_family):
     # the grouping spelled the other common way: argsort of the routed ids themselves (narrowed to uint8 keys),
     # the rows scattered back (out[order] = y) rather than gathered; the op reads y through the scattered inverse
     from torch._inductor.utils import run_and_get_code
@@ -109,28 +116,27 @@ def test_compiled_torchtitan_style_grouping_reads_in_place(tokens):
     w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") / 8).bfloat16()
     w2 = (torch.randn(experts, hidden, inter, device="cuda") / 7).bfloat16()
 
-    def block(x, logits):
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float32), k, dim=-1)
-        order = torch.argsort(ids.view(-1), stable=True)
-        counts = torch.zeros(experts, dtype=torch.int32, device=x.device)
-        counts.scatter_add_(0, ids.view(-1), torch.ones_like(ids.view(-1), dtype=torch.int32))
-        offs = counts.cumsum(0, dtype=torch.int32)
-        h = torch.nn.functional.grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        y = torch.nn.functional.grouped_mm(torch.nn.functional.silu(gate) * up, w2.transpose(1, 2), offs=offs)
-        back = torch.empty_like(y)
-        back[order] = y
-        return (back.view(tokens, k, -1) * weights[..., None]).sum(1).to(x.dtype)
+    block = TorchtitanMoE(w13, w2, k)
 
     torch._dynamo.reset()
     x = torch.randn(tokens, hidden, device="cuda").bfloat16()
     logits = torch.randn(tokens, experts, device="cuda")
-    with torch.no_grad():
+    with torch.no_grad(), families(experts_family):
         out, code = run_and_get_code(torch.compile(block, backend="inductor_moe"), x, logits)
         eager = block(x, logits)
     code = "\n".join(code)
-    assert "inductor_moe.moe_combine.default(" in code and "inductor_moe.act_and_mul.default(" in code, code
+    if experts_family:  # every id below E (a top-k over E): no filter, nothing dead
+        assert "inductor_moe.fused_experts.default(" in code and "_grouped_mm" not in code, code
+    else:
+        assert "inductor_moe.moe_combine.default(" in code and "inductor_moe.act_and_mul.default(" in code, code
     torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
+
+
+def families(experts_family: bool):
+    """Every family, or every family but experts (the ops the others make stay in the graph)."""
+    from inductor_moe import config
+
+    return config.override(families=[f for f in config.FAMILIES if experts_family or f != "experts"])
 
 
 needs_pdl = pytest.mark.skipif(

@@ -119,9 +119,47 @@ def register(
     register_graph_pattern(pattern, extra_check=extra_check, pass_dict=patterns)(handler)
 
 
+def walk(
+    graph: torch.fx.Graph,
+    family: str,
+    spellings: dict[str, tuple[Any, Callable[[torch.fx.Node], Any]]],
+    replace: Callable[..., None],
+) -> int:
+    """The driver of the graph-walk families: every node that is the anchor (a call target) of one of
+    ``spellings`` (name -> (anchor, match)) is offered to its ``match``, which returns the rewrite's arguments
+    (a tuple, passed to ``replace(graph, name, *found)``) or why not (a str; "" when the node is not that
+    spelling at all). A node no spelling took records every spelling's reason. Returns the rewrites made."""
+    if family not in config.families():
+        return 0
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        misses = []
+        for spelling, (anchor, match) in spellings.items():
+            if node.target is not anchor:
+                continue
+            found = match(node)
+            if isinstance(found, str):
+                misses += [(spelling, found)] if found else []
+                continue
+            replace(graph, spelling, *found)
+            count += 1
+            break
+        else:
+            for spelling, reason in misses:
+                report.rejected(family, spelling, node, reason)
+    return count
+
+
 def _shape_str(node: torch.fx.Node) -> str:
     v = val(node)
     return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}" if isinstance(v, torch.Tensor) else "?"
+
+
+def is_call(node, *targets) -> bool:
+    """Whether ``node`` is a graph node calling one of ``targets``."""
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets
 
 
 def val(node) -> Any:

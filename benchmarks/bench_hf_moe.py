@@ -1,0 +1,145 @@
+"""transformers' own MoE blocks, unmodified, at their real sizes: eager, stock torch.compile and inductor_moe.
+
+    python benchmarks/bench_hf_moe.py [--models qwen3,mixtral] [--impls grouped_mm,batched_mm]
+        [--tokens 1,16,256,2048] [--autotune all|16,256]
+
+Blocks: ``Qwen3MoeSparseMoeBlock`` (Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, intermediate 768, top-k
+renormalised) and ``MixtralSparseMoeBlock`` (Mixtral-8x7B: hidden 4096, 8 experts, top-2, intermediate 14336),
+bf16, weights N(0, 0.02), each with transformers' ``grouped_mm`` and ``batched_mm`` experts implementations
+(``config._experts_implementation``; ``generate`` switches to batched_mm for decoding). Columns, each the whole
+block from hidden states to output, router included:
+
+- floor: the distinct routed experts' weight bytes over the copy rate, or their FLOPs over a bf16 GEMM's rate,
+  whichever is larger (both measured in this run), as bench_fused_experts.py computes it;
+- eager; inductor: ``torch.compile`` (default mode; with ``--autotune`` also ``max-autotune-no-cudagraphs`` at
+  the T listed); inductor_moe: ``backend="inductor_moe"``, which rewrites the expert computation into
+  ``fused_experts``.
+
+Four inputs per CUDA graph (the replay cycles through them), so each call routes differently and streams its
+experts' weights from HBM. Each compile is checked to give eager's output within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_fused_experts import floor_us, gemm_tflops  # noqa: E402
+
+import timing  # noqa: E402
+
+INPUTS = 4
+# batched_mm copies every routed pair's expert weights (Mixtral: 352 MB a pair): points that would copy more
+# than this are not run
+MAX_COPY_BYTES = 16 << 30
+
+
+def block(model: str, impl: str):
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    if model == "qwen3":
+        cfg = transformers.Qwen3MoeConfig(
+            hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True
+        )
+        cls = Qwen3MoeSparseMoeBlock
+    else:
+        cfg = transformers.MixtralConfig(
+            hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2
+        )
+        cls = MixtralSparseMoeBlock
+    cfg._experts_implementation = impl
+    with torch.device("cuda"):
+        module = cls(cfg).to(torch.bfloat16).eval()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, device="cuda", generator=gen) * 0.02)
+    return module, cfg
+
+
+def routes_of(module, xs):
+    """The (weights, ids) the block's router gives each input, for the floor."""
+    with torch.no_grad():
+        return [module.gate(x.view(-1, x.shape[-1]))[1:] for x in xs]
+
+
+def bench(args, copy_gbs, tflops):
+    tokens_list = list(map(int, args.tokens.split(",")))
+    autotune_at = set(tokens_list) if args.autotune == "all" else {int(t) for t in args.autotune.split(",") if t}
+    names = ["eager", "inductor", "inductor_moe"] + (["inductor max-autotune"] if autotune_at else [])
+    rows = []
+    for model, impl in itertools.product(args.models.split(","), args.impls.split(",")):
+        module, cfg = block(model, impl)
+        experts = module.experts
+        hidden, inter = cfg.hidden_size, experts.down_proj.shape[-1]
+        local = experts.gate_up_proj.shape[0]
+        for tokens in tokens_list:
+            gen = torch.Generator(device="cuda").manual_seed(tokens)
+            copied = tokens * cfg.num_experts_per_tok * 3 * hidden * inter * 2
+            if impl == "batched_mm" and copied > MAX_COPY_BYTES:
+                rows.append([model, impl, tokens, "", *[f"not run (copies {copied / 2**30:.0f} GiB)"] * len(names), ""])
+                continue
+            xs = [
+                torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+                for _ in range(INPUTS)
+            ]
+            torch._dynamo.reset()
+            variants = {
+                "eager": module,
+                "inductor": torch.compile(module, dynamic=False),
+                "inductor_moe": torch.compile(module, backend="inductor_moe", dynamic=False),
+            }
+            if tokens in autotune_at:
+                variants["inductor max-autotune"] = torch.compile(
+                    module, dynamic=False, mode="max-autotune-no-cudagraphs"
+                )
+            with torch.no_grad():
+                want = module(xs[0]).float()
+                for name, fn in variants.items():
+                    got = fn(xs[0]).float()
+                    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                    assert err < 5e-2, f"{model} {impl} T={tokens} {name}: max rel. diff {err:.1e} to eager"
+                times = timing.interleaved_us(
+                    {name: [lambda fn=fn, x=x: fn(x) for x in xs] for name, fn in variants.items()},
+                    lambda fns: timing.graph_us(fns),
+                )
+            floor = floor_us(routes_of(module, xs), 0, local, hidden, inter, copy_gbs, tflops)
+            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" if n in times else "not run" for n in names]
+            rows.append(
+                [model, impl, tokens, f"{floor:.1f}", *cols, f"**{times['inductor_moe'] / times['inductor']:.2f}**"]
+            )
+            print(rows[-1], flush=True)
+        del module, experts
+        torch.cuda.empty_cache()
+    timing.table(
+        "transformers' MoE blocks, bf16, µs per call in a CUDA graph of 4 inputs (x the floor)",
+        ["model", "experts implementation", "T", "floor", *names, "inductor_moe / inductor"],
+        rows,
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="qwen3,mixtral")
+    parser.add_argument("--impls", default="grouped_mm,batched_mm")
+    parser.add_argument("--tokens", default="1,16,256,2048")
+    parser.add_argument(
+        "--autotune", default="", help="'all' or the T (comma-separated) at which to also time stock max-autotune"
+    )
+    args = timing.cli(parser)
+    timing.header()
+    copy_gbs = timing.report_copy_bandwidth()
+    tflops = gemm_tflops()
+    print(f"bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
+    bench(args, copy_gbs, tflops)
+
+
+if __name__ == "__main__":
+    main()
