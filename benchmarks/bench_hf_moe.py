@@ -13,7 +13,8 @@ block from hidden states to output, router included:
   whichever is larger (both measured in this run), as bench_fused_experts.py computes it;
 - eager; inductor: ``torch.compile`` (default mode; with ``--autotune`` also ``max-autotune-no-cudagraphs`` at
   the T listed); inductor_moe: ``backend="inductor_moe"``, which rewrites the expert computation into
-  ``fused_experts``.
+  ``fused_experts`` and the router's top-k into ``route``; inductor_moe −route: the same without the route
+  family (what the router costs stock).
 
 Four inputs per CUDA graph (the replay cycles through them), so each call routes differently and streams its
 experts' weights from HBM. Each compile is checked to give eager's output within bf16 rounding.
@@ -30,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_fused_experts import floor_us, gemm_tflops  # noqa: E402
+
+from inductor_moe import config  # noqa: E402
 
 import timing  # noqa: E402
 
@@ -73,7 +76,8 @@ def routes_of(module, xs):
 def bench(args, copy_gbs, tflops):
     tokens_list = list(map(int, args.tokens.split(",")))
     autotune_at = set(tokens_list) if args.autotune == "all" else {int(t) for t in args.autotune.split(",") if t}
-    names = ["eager", "inductor", "inductor_moe"] + (["inductor max-autotune"] if autotune_at else [])
+    names = ["eager", "inductor", "inductor_moe", "inductor_moe −route"]
+    names += ["inductor max-autotune"] if autotune_at else []
     rows = []
     for model, impl in itertools.product(args.models.split(","), args.impls.split(",")):
         module, cfg = block(model, impl)
@@ -95,16 +99,23 @@ def bench(args, copy_gbs, tflops):
                 "eager": module,
                 "inductor": torch.compile(module, dynamic=False),
                 "inductor_moe": torch.compile(module, backend="inductor_moe", dynamic=False),
+                "inductor_moe −route": without_route(torch.compile(module, backend="inductor_moe", dynamic=False)),
             }
             if tokens in autotune_at:
                 variants["inductor max-autotune"] = torch.compile(
                     module, dynamic=False, mode="max-autotune-no-cudagraphs"
                 )
             with torch.no_grad():
-                want = module(xs[0]).float()
+                want = module(xs[0]).float().view(tokens, -1)
+                # a token whose k-th and (k+1)-th logits tie may go to either expert (route picks the lower
+                # index, torch.topk's order among equal values is its own): compared on the others
+                ranked = module.gate(xs[0].view(tokens, -1))[0].float().sort(-1, descending=True).values
+                k = cfg.num_experts_per_tok
+                untied = ranked[:, k - 1] != ranked[:, k]
                 for name, fn in variants.items():
-                    got = fn(xs[0]).float()
-                    err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                    got = fn(xs[0]).float().view(tokens, -1)
+                    diff = (got - want)[untied].abs().max() if untied.any() else got.new_zeros(())
+                    err = (diff / want.abs().max().clamp_min(1e-6)).item()
                     assert err < 5e-2, f"{model} {impl} T={tokens} {name}: max rel. diff {err:.1e} to eager"
                 times = timing.interleaved_us(
                     {name: [lambda fn=fn, x=x: fn(x) for x in xs] for name, fn in variants.items()},
@@ -123,6 +134,17 @@ def bench(args, copy_gbs, tflops):
         ["model", "experts implementation", "T", "floor", *names, "inductor_moe / inductor"],
         rows,
     )
+
+
+def without_route(compiled):
+    """``compiled`` called (so compiled, at its first call) with every family but route."""
+    families = [f for f in config.FAMILIES if f != "route"]
+
+    def call(x):
+        with config.override(families=families):
+            return compiled(x)
+
+    return call
 
 
 def main():

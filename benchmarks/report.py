@@ -18,7 +18,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # the order of the sections: the experts and the whole block first, then the ops, then the pieces of the pass
-ORDER = ["hf_moe", "fused_experts", "moe_block", "act_and_mul", "combine", "topk_pack", "expert_sort", "backend"]
+ORDER = [
+    "hf_moe",
+    "fused_experts",
+    "route",
+    "moe_block",
+    "act_and_mul",
+    "combine",
+    "topk_pack",
+    "expert_sort",
+    "backend",
+]
 
 HEADER = """# Benchmarks
 

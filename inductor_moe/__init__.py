@@ -21,6 +21,7 @@ from .ops import (
     load_cuda_kernels,
     moe_combine,
     pack_topk_ids_weights,
+    route,
     silu_and_mul,
 )
 
@@ -54,5 +55,6 @@ __all__ = [
     "moe",
     "moe_combine",
     "pack_topk_ids_weights",
+    "route",
     "silu_and_mul",
 ]

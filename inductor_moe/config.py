@@ -12,7 +12,8 @@ which the C++ host glue, kernels/csrc/launcher.cpp, reads itself per launch, wit
 |                           |                            | and, under backend="inductor_moe", Inductor's (0: off) |
 | INDUCTOR_MOE_CXX          | $CXX, else g++             | C++ compiler for the host glue                         |
 | INDUCTOR_MOE_FAMILIES     | gated_act,topk_pack,       | which lowerings rewrite graphs ("" or "none": none)    |
-|                           | combine,expert_sort        |                                                        |
+|                           | combine,expert_sort,       |                                                        |
+|                           | experts,route              |                                                        |
 | INDUCTOR_MOE_DEVICES      | cuda                       | device types whose graphs are rewritten (cpu,cuda: both)|
 
 The two rewriting settings are part of the pass's uuid (backend.py), so changing them never reuses a cached
@@ -26,7 +27,7 @@ import os
 import shutil
 from pathlib import Path
 
-FAMILIES = ("gated_act", "topk_pack", "combine", "expert_sort", "experts")
+FAMILIES = ("gated_act", "topk_pack", "combine", "expert_sort", "experts", "route")
 
 _overrides: dict[str, str] = {}
 

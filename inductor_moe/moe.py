@@ -1,6 +1,6 @@
 """The MoE experts runner: one kernel sequence from router logits to the combined output.
 
-:func:`moe` = :func:`route` (softmax, top-k, optional renormalisation) + :func:`experts` (the
+:func:`moe` = :func:`route` (the ``route`` op: softmax, top-k, optional renormalisation) + :func:`experts` (the
 ``fused_experts`` op: rows grouped by expert, the two grouped GEMMs with the filtered gated activation in the
 first's epilogue, the weighted combine). It is the only copy of that sequence: the eager entry point is it,
 and a compiled model that calls it gets the same op (a custom op with a fake function; nothing here syncs with
@@ -19,12 +19,9 @@ from . import ops
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over the experts (fp32), the top ``top_k``: (weights fp32 [T, K], expert ids int64 [T, K])."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [T, E]
-    weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, K] each
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, ids
+    """Softmax over the experts (fp32), the top ``top_k``: (weights fp32 [T, K], expert ids int64 [T, K]). The
+    ``route`` op: one kernel."""
+    return ops.route(router_logits, top_k, "softmax", renormalize)
 
 
 def experts(

@@ -221,3 +221,59 @@ def fused_experts_ref(
         a = (activation_ref(x @ gate_w[e].to(acc).T, activation) * (x @ up_w[e].to(acc).T)).to(hidden.dtype)
         y[pairs] = (a.to(acc) @ w2[e].to(acc).T).to(hidden.dtype)
     return moe_combine_ref(y, topk_weights, topk_ids, expert_lo, expert_lo + experts, None, zero_dead_rows, renormalize)
+
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def route_ref(
+    router_logits: torch.Tensor,
+    top_k: int,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renorm_eps: float = 0.0,
+    scaling_factor: float = 1.0,
+    weights_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's top-k from its logits [T, E]: ``(topk_weights [T, K], topk_ids int64 [T, K])``.
+
+    Scores in fp32: ``softmax`` over E, or ``sigmoid``. The choice: the experts ranked by their logit (softmax,
+    which is monotone: the same order as the probabilities wherever those differ) or by ``score + bias``
+    (sigmoid, the correction bias taking part in the choice only). With ``n_group`` groups of E / n_group
+    consecutive experts, only the ``topk_group`` groups whose two best choice values sum highest are eligible.
+    Ranking: larger first, NaN above every number, +0 and -0 equal, ties to the lower index (expert or group);
+    the ids come in that order (``torch.topk``'s on values without ties). The weights are the unbiased scores of
+    the chosen experts; with ``renormalize`` divided by ``their sum over k + renorm_eps`` (fp32), then multiplied
+    by ``scaling_factor`` (fp32) and rounded to ``weights_dtype`` (default fp32)."""
+    x = router_logits.float()
+    tokens, experts = x.shape
+    if scoring == "softmax":
+        scores, choice = torch.softmax(x, dim=-1), x
+    elif scoring == "sigmoid":
+        scores = torch.sigmoid(x)
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+    else:
+        raise ValueError(f"unknown scoring {scoring!r}")
+    rank = torch.where(choice == 0, 0.0, choice)  # -0 ranks as +0; a stable sort keeps ties in index order
+    if n_group > 1:
+        grouped = rank.view(tokens, n_group, experts // n_group)
+        best_two = torch.sort(grouped, dim=-1, descending=True, stable=True).values[..., :2]
+        group_scores = best_two[..., 0] + best_two[..., 1]
+        group_scores = torch.where(group_scores == 0, 0.0, group_scores)
+        chosen = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+        eligible = torch.zeros(tokens, n_group, dtype=torch.bool, device=x.device).scatter(1, chosen, True)
+        eligible = eligible.repeat_interleave(experts // n_group, dim=1)
+        # ineligible experts rank below every eligible one, -inf and NaN included
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+        order = order.gather(1, torch.sort((~eligible).gather(1, order).byte(), dim=-1, stable=True).indices)
+    else:
+        order = torch.sort(rank, dim=-1, descending=True, stable=True).indices
+    ids = order[:, :top_k]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + renorm_eps)
+    weights = weights * scaling_factor
+    return weights.to(weights_dtype or torch.float32), ids

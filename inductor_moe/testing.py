@@ -10,6 +10,8 @@ the tests and the benchmarks compile to see the rewrites at work.
 - :class:`TorchtitanMoE`: the grouping torchtitan writes: a stable argsort of the routed ids themselves, their
   counts by ``scatter_add_``, the rows scattered back (``out[order] = y``).
 - :func:`moe_tail`: the pointwise tail of such a block alone.
+- :func:`softmax_router` and :func:`grouped_sigmoid_router`: transformers' Qwen3-MoE / Mixtral and
+  DeepSeek-V3 routers after their GEMM, as those models spell them.
 
 Both blocks take nn.Linear-layout expert weights w13 [E, 2I, H] and w2 [E, H, I].
 """
@@ -103,3 +105,33 @@ def moe_tail(h, row_ids, topk_ids, w, expert_out):
     packed = (topk_ids.to(torch.int32) << 16) | (w.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF)
     out = (expert_out.view(w.shape[0], w.shape[1], -1) * w[..., None]).sum(1).to(expert_out.dtype)
     return act, packed, out
+
+
+def softmax_router(logits: torch.Tensor, top_k: int, renormalize: bool = True, cast: bool = True):
+    """Qwen3-MoE's router after its GEMM (Mixtral's: renormalised, no cast): fp32 softmax, top-k, the in-place
+    renormalisation, the weights cast back to the logits' dtype."""
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights /= weights.sum(dim=-1, keepdim=True)
+    return (weights.to(logits.dtype) if cast else weights), ids
+
+
+def grouped_sigmoid_router(
+    logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int, scaling: float
+):
+    """DeepSeek-V3's router after its GEMM: sigmoid scores, the correction bias for the choice, the best
+    ``topk_group`` of ``n_group`` groups by the sum of their two best, top-k among those, weights gathered from
+    the unbiased scores, renormalised (+1e-20) and scaled."""
+    experts = logits.shape[-1]
+    scores = logits.float().sigmoid()
+    choice = scores + bias
+    group_scores = choice.view(-1, n_group, experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, experts // n_group).reshape(-1, experts)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
+    return weights * scaling, ids

@@ -537,6 +537,76 @@ def _experts_compiles(device):
     return {"T 1..4096": Compile(f, make, (1, 2, 7, 37, 1000, 4096), _exact)}
 
 
+# ------------------------------------------------------------------------------------------------------------
+# route
+
+
+def _route_samples(device):
+    op = torch.ops.inductor_moe.route.default
+    logits = randn(37, 160, device=device)
+    bias = randn(160, device=device) / 10
+    return {
+        "softmax, renormalised, bf16 weights": (
+            op,
+            (logits.bfloat16(), 8, "softmax", True, None, 1, 1, 0.0, 1.0, torch.bfloat16),
+        ),
+        "softmax, fp16 logits, k=1": (op, (logits[:, :60].half(), 1)),
+        "sigmoid, 8 groups, top-3 groups": (op, (logits, 7, "sigmoid", True, bias, 8, 3, 1e-20, 2.5)),
+        "sigmoid, no bias, no groups": (op, (logits[:5].t().contiguous().t(), 16, "sigmoid")),
+    }
+
+
+def _route_bad_inputs(device):
+    logits = torch.zeros(4, 16, device=device)
+    route = im.route
+    return {
+        "1-D logits": Case(lambda: route(logits[0], 2), "router_logits must be 2-D"),
+        "int logits": Case(lambda: route(logits.long(), 2), "router_logits dtype must be"),
+        "too many experts": Case(lambda: route(torch.zeros(2, 513, device=device), 2), "1 to 512 experts"),
+        "k above E": Case(lambda: route(logits[:, :4], 5), r"top_k must be in \[1, min\(16, experts=4\)\]"),
+        "k above 16": Case(lambda: route(torch.zeros(2, 64, device=device), 17), "top_k must be in"),
+        "scoring": Case(lambda: route(logits, 2, "relu"), "scoring must be 'softmax' or 'sigmoid'"),
+        "softmax with bias": Case(
+            lambda: route(logits, 2, "softmax", correction_bias=logits[0]), "correction_bias is for sigmoid"
+        ),
+        "softmax with groups": Case(lambda: route(logits, 2, "softmax", n_group=4), "n_group"),
+        "bias shape": Case(
+            lambda: route(logits, 2, "sigmoid", correction_bias=logits[0, :8]), "correction_bias must be 1-D"
+        ),
+        "bias device": Case(
+            lambda: route(logits, 2, "sigmoid", correction_bias=torch.zeros(16, device=_other(device))),
+            "correction_bias must be on",
+        ),
+        "n_group not dividing": Case(lambda: route(logits, 2, "sigmoid", n_group=3), "n_group must divide experts=16"),
+        "topk_group past n_group": Case(
+            lambda: route(logits, 2, "sigmoid", n_group=4, topk_group=5), r"topk_group must be in \[1, n_group=4\]"
+        ),
+        "groups of one": Case(lambda: route(logits, 2, "sigmoid", n_group=16), "two best experts"),
+        "groups too few": Case(lambda: route(logits, 8, "sigmoid", n_group=4, topk_group=1), "hold fewer than top_k=8"),
+        "weights dtype": Case(lambda: route(logits, 2, weights_dtype=torch.int32), "weights_dtype must be"),
+        "a gradient": Case(lambda: route(logits.clone().requires_grad_(), 2), "it has no gradient"),
+    }
+
+
+def _route_limits():
+    logits = torch.empty(2**31, 512, dtype=torch.bfloat16, device="meta")
+    return {
+        "2**31 tokens, 512 experts": Case(
+            lambda: im.route(logits, 16),
+            expect=lambda out: out[1].shape == (2**31, 16) and out[0].dtype == torch.float32,
+        ),
+    }
+
+
+def _route_compiles(device):
+    bias = randn(64, device=device) / 10
+
+    def f(logits):
+        return im.route(logits * 2, 6, "sigmoid", True, bias, 4, 2, 1e-20, 2.5)
+
+    return {"T 1..4096": Compile(f, lambda t: (randn(t, 64, device=device),), (1, 2, 7, 37, 1000, 4096), _all_equal)}
+
+
 CONTRACTS = [
     OpContract(
         "act_and_mul",
@@ -574,6 +644,13 @@ CONTRACTS = [
         _sort_bad_inputs,
         _sort_limits,
         _sort_compiles,
+    ),
+    OpContract(
+        "route",
+        _route_samples,
+        _route_bad_inputs,
+        _route_limits,
+        _route_compiles,
     ),
 ]
 

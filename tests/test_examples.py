@@ -28,9 +28,9 @@ def run(script: str) -> str:
 def test_moe_block_demo():
     out = run("moe_block.py")
     loop, grouped = out.split("\n== ")[1:]
-    assert re.search(r"^(\d+) rewrite", loop, re.M).group(1) == "8"  # one gated activation per expert
-    assert "rewrote  gated_act" in loop
-    for family in ("combine", "gated_act", "filter: input: where(dead, 0, x)"):
+    assert re.search(r"^(\d+) rewrite", loop, re.M).group(1) == "9"  # one gated activation per expert, the router
+    assert "rewrote  gated_act" in loop and "rewrote  route" in loop
+    for family in ("experts", "route", "filter: input: where(dead, 0, x)"):
         assert family in grouped, grouped
     errors = [float(e) for e in re.findall(r"max \|out - eager\| ([0-9.]+)", out)]
     assert len(errors) == 8 and max(errors) < 0.05, out  # bf16 outputs of magnitude ~1-3

@@ -28,6 +28,15 @@ HIDDEN, INTER, EXPERTS, TOP_K = 64, 32, 8, 2
 TOL = 3e-2
 
 
+@pytest.fixture(autouse=True)
+def _without_route():
+    """The experts family alone (with those before it): the route family would also take the router, whose
+    choice on tied bf16 logits is the lower index where torch.topk's is unspecified (CPU: often the higher),
+    which moves tokens to other experts than eager's. test_lowering_route.py compiles whole blocks with it."""
+    with config.override(families=[f for f in config.FAMILIES if f != "route"]):
+        yield
+
+
 def qwen3_config(impl="grouped_mm"):
     cfg = transformers.Qwen3MoeConfig(
         hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=EXPERTS, num_experts_per_tok=TOP_K

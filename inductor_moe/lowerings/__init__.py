@@ -1,9 +1,9 @@
 """The lowerings: pattern rewrites of the FX graphs Inductor compiles into the inductor_moe ops.
 
-One file per family (gated_act.py, topk_pack.py, combine.py, expert_sort.py, experts.py), the canonical form they share
-(canonicalize.py), spellings traced into patterns (matching.py), masks turned into expert filters
-(expert_mask.py), and the record of what was done (report.py). :func:`apply` is the whole pass; backend.py
-installs it into Inductor.
+One file per family (gated_act.py, topk_pack.py, combine.py, expert_sort.py, experts.py, route.py), the
+canonical form they share (canonicalize.py), spellings traced into patterns (matching.py), masks turned into
+expert filters (expert_mask.py), and the record of what was done (report.py). :func:`apply` is the whole pass;
+backend.py installs it into Inductor.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import config, ops  # noqa: F401  (ops: defines torch.ops.inductor_moe, which the rewrites emit)
-from . import canonicalize, combine, expert_sort, experts, gated_act, report, topk_pack
+from . import canonicalize, combine, expert_sort, experts, gated_act, report, route, topk_pack
 
 SOURCES = tuple(sorted(str(p) for p in Path(__file__).parent.glob("*.py")))
 
@@ -42,6 +42,7 @@ def apply(graph: torch.fx.Graph) -> int:
     count += arithmetic.apply(graph)
     count += filters.apply(graph)
     count += experts.rewrite(graph)
+    count += route.rewrite(graph)  # last: the experts family proves its ids from the router's top-k
     if count:
         graph.eliminate_dead_code()
         _drop_unread_scatters(graph)

@@ -12,6 +12,7 @@ from .combine import moe_combine
 from .expert_sort import expert_sort, expert_sort_aten
 from .fused_experts import fused_experts
 from .library import load_cuda_kernels
+from .route import route
 from .topk_pack import pack_topk_ids_weights
 
 library.register_host_glue_trampolines()
@@ -26,5 +27,6 @@ __all__ = [
     "load_cuda_kernels",
     "moe_combine",
     "pack_topk_ids_weights",
+    "route",
     "silu_and_mul",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from .. import reference
 from ..indexing import MAX_INDEX, row_strides
-from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, check_activation, define, lib
+from .library import DTYPE_NAMES, DTYPES, INDEX_DTYPES, check, check_activation, define, lib, with_defaults
 
 define(
     "fused_experts(Tensor hidden, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
@@ -74,57 +74,28 @@ def check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w
     _check(pairs <= MAX_INDEX, f"at most 2**31-1 routed pairs are supported, got {pairs}")
 
 
-@torch.library.register_fake("inductor_moe::fused_experts")
-def _fake(
-    hidden,
-    w13,
-    w2,
-    topk_weights,
-    topk_ids,
-    activation="silu",
-    expert_lo=0,
-    renormalize=False,
-    w3=None,
-    zero_dead_rows=False,
-):
+def _bound(args):
+    """The call's arguments with the schema's defaults, checked."""
+    args = with_defaults("fused_experts", args)
+    hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, _, w3, _ = args
     check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
+    return args
+
+
+@torch.library.register_fake("inductor_moe::fused_experts")
+def _fake(*args):
+    hidden = _bound(args)[0]
     return hidden.new_empty(hidden.shape)
 
 
 @torch.library.impl(lib, "fused_experts", "CPU")
-def _cpu(
-    hidden,
-    w13,
-    w2,
-    topk_weights,
-    topk_ids,
-    activation="silu",
-    expert_lo=0,
-    renormalize=False,
-    w3=None,
-    zero_dead_rows=False,
-):
-    check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
-    return reference.fused_experts_ref(
-        hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows
-    ).contiguous()
+def _cpu(*args):
+    return reference.fused_experts_ref(*_bound(args)).contiguous()
 
 
 @torch.library.impl(lib, "fused_experts", "CUDA")
-def _cuda(
-    hidden,
-    w13,
-    w2,
-    topk_weights,
-    topk_ids,
-    activation="silu",
-    expert_lo=0,
-    renormalize=False,
-    w3=None,
-    zero_dead_rows=False,
-):
-    check_args(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, w3)
-    return run_kernels(hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows)
+def _cuda(*args):
+    return run_kernels(*_bound(args))
 
 
 def run_kernels(

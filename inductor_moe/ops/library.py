@@ -27,6 +27,13 @@ def define(schema: str) -> None:
     lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
 
 
+def with_defaults(op: str, args: tuple) -> tuple:
+    """``args`` of a call of ``inductor_moe::<op>`` completed with the schema's defaults: the dispatcher leaves
+    trailing arguments that equal their default out when it calls a Python kernel."""
+    schema = getattr(torch.ops.inductor_moe, op).default._schema
+    return (*args, *(a.default_value for a in schema.arguments[len(args) :]))
+
+
 def check(cond, msg: str, op: str) -> None:
     """An error that names the op: ``inductor_moe.<op>: <msg>``."""
     torch._check(cond, lambda: f"inductor_moe.{op}: {msg}")
