@@ -14,11 +14,11 @@ runs under ``TRITON_INTERPRET=1`` on the CPU, which is how CI tests it.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from . import launch
 
 # Past this many pairs (or groups) the op takes the ATen chain: a one-program bitonic sort runs on one SM.
 # H200, CUDA graph, 16 of 128 experts local, µs of this kernel against the eager chain: 1024 pairs 10.3 / 33.7,
@@ -87,8 +87,7 @@ def expert_sort(
         offs.zero_()
         return
     block = max(32, triton.next_power_of_2(numel))
-    interpret = ids.device.type == "cpu"  # only under TRITON_INTERPRET=1
-    with contextlib.nullcontext() if interpret else torch.cuda.device(ids.device):
+    with launch.on(ids.device):
         expert_sort_kernel[(1,)](
             ids,
             order,

@@ -28,7 +28,6 @@ Tile configs: ``fused_experts_configs.json`` beside this file (tuned on the devi
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -38,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import config
+from . import launch
 
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 MAX_EXPERTS = 512
@@ -422,10 +421,6 @@ def config_for(tokens, experts, inter, hidden_size, top_k, dtype, device) -> Con
 # Launchers
 
 
-def _pdl(device: torch.device) -> bool:
-    return device.type == "cuda" and config.pdl_enabled() and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def _ieee(t: torch.Tensor) -> bool:
     """fp32 dots of tiles upcast to fp32: for fp32 inputs (no TF32), and in Triton's interpreter (CPU tensors),
     whose dot of 16-bit tiles returns garbage (triton 3.6-3.9)."""
@@ -475,12 +470,12 @@ def group(ids, ids_strides, expert_lo: int, experts: int, order, offs, src_rows)
     numel = order.numel()
     programs = triton.cdiv(numel, GROUP_BLOCK)
     bins = triton.next_power_of_2(experts + 2)  # the experts, the dead group, the padding's bin
-    pdl = _pdl(ids.device)
+    pdl = launch.pdl(ids.device)
     counts = torch.empty(programs, bins, dtype=torch.int32, device=ids.device)
     cursor = torch.empty_like(counts)
     common = dict(K=ids.shape[-1], BLOCK=GROUP_BLOCK, BINS=bins, USE_PDL=pdl, num_warps=8)
-    common |= {"launch_pdl": True} if pdl else {}
-    with contextlib.nullcontext() if ids.device.type == "cpu" else torch.cuda.device(ids.device):
+    common |= launch.pdl_options(pdl)
+    with launch.on(ids.device):
         group_count_kernel[(programs,)](ids, counts, cursor, numel, *ids_strides, expert_lo, experts, **common)
         group_scatter_kernel[(programs,)](
             ids, counts, cursor, order, src_rows, offs, numel, programs, *ids_strides, expert_lo, experts,
@@ -496,11 +491,11 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
     grid = (num_m * triton.cdiv(inter, tile.block_n),)
     if grid[0] == 0:
         return
-    pdl = _pdl(hidden.device)
+    pdl = launch.pdl(hidden.device)
     box = [1, tile.block_n, tile.block_k]
     descs = (_descriptor(gate, box), _descriptor(up_w, box)) if tile.tma else (None, None)
     tma = None not in descs
-    with contextlib.nullcontext() if hidden.device.type == "cpu" else torch.cuda.device(hidden.device):
+    with launch.on(hidden.device):
         fused_up_kernel[grid](
             hidden,
             *(descs if tma else (gate, up_w)),
@@ -528,7 +523,7 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             EARLY_TRIGGER=EARLY_TRIGGER,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
-            **({"launch_pdl": True} if pdl else {}),
+            **launch.pdl_options(pdl),
         )
 
 
@@ -539,12 +534,12 @@ def down(a, w2, offs, out, tile: Tile) -> None:
     grid = (num_m * triton.cdiv(hidden_size, tile.block_n),)
     if grid[0] == 0:
         return
-    pdl = _pdl(a.device)
+    pdl = launch.pdl(a.device)
     descs = (None, None)
     if tile.tma:
         descs = (_descriptor(a, [tile.block_m, tile.block_k]), _descriptor(w2, [1, tile.block_n, tile.block_k]))
     tma = None not in descs
-    with contextlib.nullcontext() if a.device.type == "cpu" else torch.cuda.device(a.device):
+    with launch.on(a.device):
         fused_down_kernel[grid](
             *(descs if tma else (a, w2)),
             offs,
@@ -567,5 +562,5 @@ def down(a, w2, offs, out, tile: Tile) -> None:
             EARLY_TRIGGER=EARLY_TRIGGER,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
-            **({"launch_pdl": True} if pdl else {}),
+            **launch.pdl_options(pdl),
         )

@@ -15,13 +15,11 @@ next kernel's own wait still orders its reads after this grid). The same kernel 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ... import config
+from . import launch
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 _NO_KEY = tl.constexpr(-(2**31))  # below every float's key: -inf maps to -2**31 + 2**23 - 1
@@ -169,9 +167,8 @@ def route(
         return
     top_k = ids.shape[1]
     block_t, warps = block or launch_config(tokens, experts)
-    interpret = logits.device.type == "cpu"  # only under TRITON_INTERPRET=1
-    pdl = not interpret and config.pdl_enabled() and torch.cuda.get_device_capability(logits.device)[0] >= 9
-    with contextlib.nullcontext() if interpret else torch.cuda.device(logits.device):
+    pdl = launch.pdl(logits.device)
+    with launch.on(logits.device):
         route_kernel[(triton.cdiv(tokens, block_t),)](
             logits,
             logits if bias is None else bias,
@@ -194,5 +191,5 @@ def route(
             BLOCK_T=block_t,
             USE_PDL=pdl,
             num_warps=warps,
-            **({"launch_pdl": True} if pdl else {}),
+            **launch.pdl_options(pdl),
         )

@@ -8,14 +8,13 @@ is how CI tests it: there ``.to(tl.bfloat16)`` truncates, so the rounding is don
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ... import config
+from . import launch
 
 # bf16 bits of a NaN weight as torch's own conversion produces them, which the rounding below cannot derive.
 # CUDA's cvt.rn.bf16.f32 returns the canonical 0x7FFF whatever the sign or source dtype; torch's CPU
@@ -109,11 +108,10 @@ def topk_pack(ids: torch.Tensor, weights: torch.Tensor, ids_strides, w_strides, 
                 f"inductor_moe.pack_topk_ids_weights: {name}'s layout reaches element offset {last}, past 2**31-1; "
                 "pass a contiguous tensor"
             )
-    interpret = ids.device.type == "cpu"  # only under TRITON_INTERPRET=1
-    pdl = not interpret and config.pdl_enabled() and torch.cuda.get_device_capability(ids.device)[0] >= 9
+    pdl = launch.pdl(ids.device)
     nan_pos, nan_neg = nan_bits(ids.device.type, weights.dtype)
     block, warps = _block(numel)
-    with contextlib.nullcontext() if interpret else torch.cuda.device(ids.device):
+    with launch.on(ids.device):
         topk_pack_kernel[(triton.cdiv(numel, block),)](
             ids,
             weights,
@@ -128,5 +126,5 @@ def topk_pack(ids: torch.Tensor, weights: torch.Tensor, ids_strides, w_strides, 
             BLOCK=block,
             USE_PDL=pdl,
             num_warps=warps,
-            **({"launch_pdl": True} if pdl else {}),
+            **launch.pdl_options(pdl),
         )
