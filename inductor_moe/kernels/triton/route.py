@@ -4,9 +4,11 @@ gather and the renormalisation).
 
 A program takes ``BLOCK_T`` tokens; each token's experts sit in a ``[GROUPS, GROUP_SIZE]`` tile (padded to
 powers of two; one group without grouped selection). Ranking uses integer keys: the fp32 bits mapped so that
-integer order is float order, -0 made +0, every NaN the largest key; the K choices are K rounds of "largest
-key, lowest index on ties", which is the reference's stable descending sort, bit for bit. Padding, chosen and
-ineligible experts take the smallest key, which no float maps to.
+integer order is float order, -0 made +0, every NaN the largest key, packed with the expert's index into one
+int64 whose maximum is "the largest key, the lowest index on ties"; the K choices are K rounds of one max
+reduction each, which is the reference's stable descending sort, bit for bit (the groups' choice likewise).
+Padding takes the smallest key, which no float maps to; chosen and ineligible experts a packed key below every
+other. A chosen expert's weight is recomputed from its logit with the tile's arithmetic.
 
 PDL on sm90+: ``gdc_wait`` before the first load, then at once ``gdc_launch_dependents`` (the grid is small; the
 next kernel's own wait still orders its reads after this grid). The same kernel runs under
@@ -23,6 +25,7 @@ from . import launch
 
 SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 _NO_KEY = tl.constexpr(-(2**31))  # below every float's key: -inf maps to -2**31 + 2**23 - 1
+_TAKEN = tl.constexpr(-(2**63))  # below every packed key: a chosen expert or group
 
 
 @triton.jit
@@ -35,15 +38,23 @@ def _key(x):
 
 
 @triton.jit
-def _take(key, index, OVER_GROUPS: tl.constexpr):
-    """(the largest key of each token's tile, the lowest index holding it): [BLOCK_T] each."""
-    if OVER_GROUPS:  # [BLOCK_T, GROUPS]
-        best = tl.max(key, axis=1)
-        first = tl.min(tl.where(key == best[:, None], index, 2**30), axis=1)
-    else:  # [BLOCK_T, GROUPS, GROUP_SIZE]
-        best = tl.max(tl.max(key, axis=2), axis=1)
-        first = tl.min(tl.min(tl.where(key == best[:, None, None], index, 2**30), axis=2), axis=1)
-    return best, first
+def _pack(key, index):
+    """int64 keys ordered by ``key``, then by the lower ``index`` (< 1024, in the low bits as 1023 - index): one
+    max reduction takes the largest key and, among equal keys, the lowest index (the reference's stable
+    descending order)."""
+    return (key.to(tl.int64) << 32) | (1023 - index).to(tl.int64)
+
+
+@triton.jit
+def _index(packed):
+    return 1023 - (packed & 1023).to(tl.int32)
+
+
+@triton.jit
+def _value(packed):
+    """The fp32 value of a packed key (-0 as +0, NaN as a NaN): what the key ranks."""
+    key = (packed >> 32).to(tl.int32)
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -88,45 +99,47 @@ def route_kernel(
 
     if SCORING == 0:  # softmax over the experts; the choice by the logit (the same order)
         top = tl.max(tl.max(x, axis=2), axis=1)
-        e = tl.exp(x - top[:, None, None])
-        e = tl.where(valid, e, 0.0)
-        scores = e / tl.sum(tl.sum(e, axis=2), axis=1)[:, None, None]
+        e = tl.where(valid, tl.exp(x - top[:, None, None]), 0.0)
+        denom = tl.sum(tl.sum(e, axis=2), axis=1)
         choice = x
     else:  # sigmoid; the correction bias takes part in the choice only
-        scores = 1.0 / (1.0 + tl.exp(-x))
-        choice = scores
+        choice = 1.0 / (1.0 + tl.exp(-x))
         if HAS_BIAS:
-            choice = scores + tl.load(bias_ptr + expert, mask=valid_expert, other=0.0).to(tl.float32)
+            choice = choice + tl.load(bias_ptr + expert, mask=valid_expert, other=0.0).to(tl.float32)
     key = tl.where(valid_expert, _key(choice), _NO_KEY)
 
+    index = expert + 0 * row[:, None, None]
+    packed = _pack(key, index)
     if GROUPS > 1:  # the topk_group groups whose two best choice values sum highest
-        m_index = member[None, None, :] + 0 * group[None, :, None]
-        k1 = tl.max(key, axis=2)  # [BLOCK_T, G]
-        i1 = tl.min(tl.where(key == k1[:, :, None], m_index, 2**30), axis=2)
-        v1 = tl.sum(tl.where(m_index == i1[:, :, None], choice, 0.0), axis=2)
-        rest = tl.where(m_index == i1[:, :, None], _NO_KEY, key)
-        k2 = tl.max(rest, axis=2)
-        i2 = tl.min(tl.where(rest == k2[:, :, None], m_index, 2**30), axis=2)
-        v2 = tl.sum(tl.where(m_index == i2[:, :, None], choice, 0.0), axis=2)
-        g_key = tl.where(group[None, :] < GROUPS, _key(v1 + v2), _NO_KEY)
+        best = tl.max(packed, axis=2)  # [BLOCK_T, G]
+        second = tl.max(tl.where(packed == best[:, :, None], _TAKEN, packed), axis=2)
         g_ids = group[None, :] + 0 * row[:, None]
+        g_packed = _pack(tl.where(group[None, :] < GROUPS, _key(_value(best) + _value(second)), _NO_KEY), g_ids)
         eligible = tl.zeros((BLOCK_T, GROUPS_POW2), dtype=tl.int1)
         for _ in tl.static_range(TOPK_GROUP):
-            _, g = _take(g_key, g_ids, OVER_GROUPS=True)
-            eligible = eligible | (g_ids == g[:, None])
-            g_key = tl.where(g_ids == g[:, None], _NO_KEY, g_key)
-        key = tl.where(eligible[:, :, None], key, _NO_KEY)
+            g_best = tl.max(g_packed, axis=1)
+            eligible = eligible | (g_packed == g_best[:, None])
+            g_packed = tl.where(g_packed == g_best[:, None], _TAKEN, g_packed)
+        packed = tl.where(eligible[:, :, None], packed, _TAKEN)  # never among the K (checked by the op)
 
-    index = expert + 0 * row[:, None, None]
+    # K rounds, each one max reduction; a chosen expert's weight is recomputed from its logit (the same
+    # arithmetic as the tile's, off the reductions' critical path)
     out_k = tl.arange(0, TOP_K_POW2)
     chosen_ids = tl.zeros((BLOCK_T, TOP_K_POW2), dtype=tl.int32)
     chosen = tl.zeros((BLOCK_T, TOP_K_POW2), dtype=tl.float32)
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    live_row = row < tokens
     for k in tl.static_range(TOP_K):
-        _, first = _take(key, index, OVER_GROUPS=False)
-        hit = index == first[:, None, None]
-        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=2), axis=1)
-        key = tl.where(hit, _NO_KEY, key)
+        best = tl.max(tl.max(packed, axis=2), axis=1)
+        packed = tl.where(packed == best[:, None, None], _TAKEN, packed)
+        first = _index(best)
+        x_first = tl.load(
+            logits_ptr + row.to(tl.int64) * logits_row_stride + first * logits_col_stride, mask=live_row, other=0.0
+        ).to(tl.float32)
+        if SCORING == 0:
+            w = tl.exp(x_first - top) / denom
+        else:
+            w = 1.0 / (1.0 + tl.exp(-x_first))
         chosen_ids = tl.where(out_k[None, :] == k, first[:, None], chosen_ids)
         chosen = tl.where(out_k[None, :] == k, w[:, None], chosen)
         total += w  # in choice order, as the reference's sum
@@ -140,11 +153,12 @@ def route_kernel(
 
 
 def launch_config(tokens: int, experts: int) -> tuple[int, int]:
-    """(tokens a program, warps): a few tokens a program keeps every lane busy at small E (not yet tuned on the
-    device: ``benchmarks/bench_route.py --sweep`` times the alternatives)."""
-    lanes = triton.next_power_of_2(experts)
-    block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), 1024 // lanes, 16))
-    return block_t, max(1, min(4, block_t * lanes // 128))
+    """(tokens a program, warps): one warp a program, so that every reduction stays in the warp (``redux.sync``
+    and shuffles, no barrier: with 8 tokens on 4 warps the Qwen3 router's kernel has 39 ``bar.sync``), and at
+    small E as many tokens as fill a lane with 8 values; not yet timed on the device, where
+    ``benchmarks/bench_route.py --sweep`` times the alternatives."""
+    block_t = max(1, min(triton.next_power_of_2(max(tokens, 1)), 256 // triton.next_power_of_2(experts), 16))
+    return block_t, 1
 
 
 def route(
