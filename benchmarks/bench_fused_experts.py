@@ -174,9 +174,17 @@ def _tiles(rows, tma=()):
     return [kernel.Tile(*row) for row in rows] + [kernel.Tile(*row, tma=True) for row in tma]
 
 
-# narrow, deep tiles for decode, wide ones with grouped order for the compute-bound points; the down GEMM (one
-# accumulator) also tries 256 columns
-_DECODE = [(16, 32, 128, 1, 4, 4), (16, 64, 128, 1, 4, 4), (16, 64, 64, 1, 4, 4), (16, 32, 256, 1, 4, 3)]
+# narrow, deep tiles for decode (16 columns: Qwen3's up GEMM at T=1 is 8 experts x 768 / 64 = 96 programs with
+# 64, fewer than the H100's 132 SMs, each streaming 512 KB), wide ones with grouped order for the compute-bound
+# points; the down GEMM (one accumulator) also tries 256 columns
+_DECODE = [
+    (16, 32, 128, 1, 4, 4),
+    (16, 64, 128, 1, 4, 4),
+    (16, 64, 64, 1, 4, 4),
+    (16, 32, 256, 1, 4, 3),
+    (16, 16, 256, 1, 4, 3),
+    (16, 16, 512, 1, 4, 3),
+]
 _WIDE = [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)]
 TILES = {
     "up": _tiles(
@@ -194,7 +202,6 @@ TILES = {
         [
             *_DECODE,
             *_WIDE,
-            (16, 16, 256, 1, 4, 3),
             (32, 64, 128, 1, 4, 3),
             (64, 64, 64, 4, 4, 3),
             (128, 256, 64, 8, 8, 3),
