@@ -211,6 +211,9 @@ TILES = {
 }
 
 
+PAIRS_MAX = 64  # routed pairs up to which --tune also times the "pairs" path (past it, experts repeat across pairs)
+
+
 def tune(args):
     table = json.loads(kernel.CONFIGS.read_text()) if kernel.CONFIGS.exists() else {}
     device = torch.cuda.get_device_name()
@@ -249,6 +252,8 @@ def tune(args):
                 "triton": kernel.Config(best["up"], best["down"]),
                 "grouped_mm": kernel.Config(best["up"], best["down"], "grouped_mm"),
             }
+            if n <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel
+                paths["pairs"] = kernel.Config(best["up"], best["down"], "pairs")
             end_to_end = {}
             for label, cfg in paths.items():
                 fns = [
@@ -258,8 +263,9 @@ def tune(args):
                 end_to_end[label] = timing.graph_us(fns)
                 print(f"  {label}: {end_to_end[label]:.1f} us", flush=True)
             entry = {w: dataclasses.asdict(t) for w, t in best.items()}
-            if end_to_end["grouped_mm"] < end_to_end["triton"]:
-                entry["path"] = "grouped_mm"
+            fastest = min(("triton", "pairs", "grouped_mm"), key=lambda path: end_to_end.get(path, float("inf")))
+            if fastest != "triton":
+                entry["path"] = fastest
             entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = entry
             kernel.CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # point by point
 

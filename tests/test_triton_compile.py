@@ -154,6 +154,22 @@ def test_heuristic_tiles(compiled, dtype):
     assert_fits(compiled, 6)
 
 
+def test_pairs_path(compiled):
+    """The GEMMs on rows in pair order (decode), with the Qwen3 shape's decode tiles, pointers and TMA boxes."""
+    experts, inter, hidden, top_k = 128, 768, 2048, 8
+    ids = torch.empty(top_k, dtype=torch.int64, device=META)
+    w13 = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16, device=META)
+    w2 = torch.empty(experts, hidden, inter, dtype=torch.bfloat16, device=META)
+    x = torch.empty(1, hidden, dtype=torch.bfloat16, device=META)
+    a = torch.empty(top_k, inter, dtype=torch.bfloat16, device=META)
+    y = torch.empty(top_k, hidden, dtype=torch.bfloat16, device=META)
+    for tma in (False, True):
+        tile = fe.Tile(16, 64, 128, 1, 4, 4, tma=tma)
+        fe.up(x, w13[:, :inter], w13[:, inter:], None, None, a, "silu", top_k, tile, (ids, 0))
+        fe.down(a, w2, None, y, tile, (ids, 0))
+    assert_fits(compiled, 4)
+
+
 def test_grouping(compiled):
     """The counting kernels at the most experts, int64 and int32 ids."""
     for ids_dtype, experts in ((torch.int64, fe.MAX_EXPERTS), (torch.int32, 8)):

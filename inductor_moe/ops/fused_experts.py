@@ -102,7 +102,8 @@ def run_kernels(
     hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows=False, tiles=None
 ):
     """The CUDA sequence (also the interpreter's, on CPU tensors under TRITON_INTERPRET=1): group, up, down,
-    combine. ``tiles`` overrides the config table (the benchmark's tuning)."""
+    combine (the "pairs" path: up, down, combine). ``tiles`` overrides the config table (the benchmark's
+    tuning)."""
     from ..kernels.triton import fused_experts as kernel
 
     tokens, hidden_size = hidden.shape
@@ -113,8 +114,17 @@ def run_kernels(
     if tokens * top_k == 0:
         return hidden.new_zeros(hidden.shape)
     local = (expert_lo, expert_lo + experts)
-    order, offs, src_rows = group(topk_ids, expert_lo, experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
+    if tiles.path == "pairs":  # rows in pair order, no grouping; the combine reads them token-major
+        pairs = (topk_ids.reshape(-1), expert_lo)
+        a = hidden.new_empty(tokens * top_k, inter)  # dead pairs' rows never written nor read
+        kernel.up(hidden, gate, up, None, None, a, activation, top_k, tiles.up, pairs)
+        y = hidden.new_empty(tokens * top_k, hidden_size)
+        kernel.down(a, w2, None, y, tiles.down, pairs)
+        return torch.ops.inductor_moe.moe_combine.default(
+            y, topk_weights, topk_ids, *local, None, zero_dead_rows, renormalize
+        )
+    order, offs, src_rows = group(topk_ids, expert_lo, experts)
     if tiles.path == "grouped_mm" and grouped_mm_fits(hidden, w13, w2, w3):
         y = _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local)
     else:

@@ -60,9 +60,11 @@ class Tile:
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Both GEMMs' configs (each kernel blocks the sorted rows its own way), and the path: these kernels
-    ("triton"), or torch's grouped GEMMs with our activation between them ("grouped_mm", where the table measured
-    it faster: compute-bound shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2878 us against
-    3435)."""
+    ("triton"), these kernels on rows in pair order without the grouping kernel ("pairs": a row block a pair,
+    for decode, where the chain of dependent launches is most of the time: with 1/8 of Qwen3's experts local,
+    T=1 takes 16.0 us for a 3.9 us weight-read floor on the H100), or torch's grouped GEMMs with our activation
+    between them ("grouped_mm", where the table measured it faster: compute-bound shapes, hundreds of rows an
+    expert; H100, Mixtral-8x7B at T=2048: 2878 us against 3435)."""
 
     up: Tile
     down: Tile
@@ -100,6 +102,8 @@ def _tile_ids(num_m, num_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _program(
     offs_ptr,
+    ids_ptr,
+    expert_lo,
     n_cols,
     num_experts,
     num_m,
@@ -107,17 +111,26 @@ def _program(
     BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr,
+    PAIRS: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
 ):
     """What every GEMM program does first: the PDL wait (offs and the rows come from the kernels before), then
-    its (expert, first sorted row, the expert's end row, first column); expert == num_experts: nothing to do."""
+    its (expert, first row, the expert's end row, first column); expert == num_experts: nothing to do. Rows are
+    sorted by expert (``offs``), or with ``PAIRS`` in pair order, a row block a pair (its one row), the expert
+    read from the flat ids: no grouping kernel (decode, where a token's K pairs name K distinct experts)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
     pid_m, pid_n = _tile_ids(num_m, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
-    expert, row0, end = _row_block(offs_ptr, pid_m, num_experts, BLOCK_M, E_POW2)
+    if PAIRS:
+        local = tl.load(ids_ptr + pid_m) - expert_lo  # in the ids' dtype: an int64 id cannot wrap into range
+        expert = tl.where((local >= 0) & (local < num_experts), local, num_experts).to(tl.int32)
+        row0 = pid_m
+        end = pid_m + 1
+    else:
+        expert, row0, end = _row_block(offs_ptr, pid_m, num_experts, BLOCK_M, E_POW2)
     return expert, row0, end, pid_n * BLOCK_N
 
 
@@ -139,6 +152,8 @@ def fused_up_kernel(
     up_ptr,
     order_ptr,
     offs_ptr,
+    ids_ptr,
+    expert_lo,
     out_ptr,
     hidden_size,
     inter,
@@ -157,6 +172,7 @@ def fused_up_kernel(
     ACT: tl.constexpr,
     IEEE: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,13 +182,17 @@ def fused_up_kernel(
     EARLY_TRIGGER: tl.constexpr,
 ):
     expert, row0, end, n0 = _program(
-        offs_ptr, inter, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, USE_PDL, EARLY_TRIGGER
-    )
+        offs_ptr, ids_ptr, expert_lo, inter, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, PAIRS, USE_PDL,
+        EARLY_TRIGGER,
+    )  # fmt: skip
     if expert >= num_experts:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
-    tokens = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
+    if PAIRS:
+        tokens = (rows // top_k).to(tl.int64)
+    else:
+        tokens = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
@@ -212,6 +232,8 @@ def fused_down_kernel(
     a_ptr,
     w_ptr,
     offs_ptr,
+    ids_ptr,
+    expert_lo,
     out_ptr,
     inter,
     hidden_size,
@@ -224,6 +246,7 @@ def fused_down_kernel(
     stride_om,
     IEEE: tl.constexpr,
     TMA: tl.constexpr,
+    PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -233,8 +256,9 @@ def fused_down_kernel(
     EARLY_TRIGGER: tl.constexpr,
 ):
     expert, row0, end, n0 = _program(
-        offs_ptr, hidden_size, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, USE_PDL, EARLY_TRIGGER
-    )
+        offs_ptr, ids_ptr, expert_lo, hidden_size, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, PAIRS,
+        USE_PDL, EARLY_TRIGGER,
+    )  # fmt: skip
     if expert >= num_experts:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -483,11 +507,13 @@ def group(ids, ids_strides, expert_lo: int, experts: int, order, offs, src_rows)
         )  # fmt: skip
 
 
-def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: Tile) -> None:
+def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: Tile, pairs=None) -> None:
     """``out[r] = act(hidden[t] @ gate[e].T) * (hidden[t] @ up_w[e].T)`` for every live sorted row r (expert e,
-    token t = order[r] // top_k). gate and up_w: [E, I, H], any strides."""
+    token t = order[r] // top_k); with ``pairs`` = (flat ids, expert_lo) instead of order and offs, for every
+    live pair r in pair order (t = r // top_k). gate and up_w: [E, I, H], any strides."""
     experts, inter, hidden_size = gate.shape
-    num_m = row_blocks(order.numel(), experts, tile.block_m)
+    ids, expert_lo = pairs or (offs, 0)
+    num_m = ids.numel() if pairs else row_blocks(order.numel(), experts, tile.block_m)
     grid = (num_m * triton.cdiv(inter, tile.block_n),)
     if grid[0] == 0:
         return
@@ -499,8 +525,10 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
         fused_up_kernel[grid](
             hidden,
             *(descs if tma else (gate, up_w)),
-            order,
-            offs,
+            ids if pairs else order,
+            ids if pairs else offs,
+            ids,
+            expert_lo,
             out,
             hidden_size,
             inter,
@@ -514,6 +542,7 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             ACT=ACTIVATION_CODES[activation],
             IEEE=_ieee(hidden),
             WEIGHT_TMA=tma,
+            PAIRS=pairs is not None,
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
@@ -527,10 +556,12 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
         )
 
 
-def down(a, w2, offs, out, tile: Tile) -> None:
-    """``out[r] = a[r] @ w2[e].T`` for every live sorted row r of expert e. w2: [E, H, I], any strides."""
+def down(a, w2, offs, out, tile: Tile, pairs=None) -> None:
+    """``out[r] = a[r] @ w2[e].T`` for every live sorted row r of expert e (or, with ``pairs`` as in :func:`up`,
+    every live pair r). w2: [E, H, I], any strides."""
     experts, hidden_size, inter = w2.shape
-    num_m = row_blocks(a.shape[0], experts, tile.block_m)
+    ids, expert_lo = pairs or (offs, 0)
+    num_m = ids.numel() if pairs else row_blocks(a.shape[0], experts, tile.block_m)
     grid = (num_m * triton.cdiv(hidden_size, tile.block_n),)
     if grid[0] == 0:
         return
@@ -542,7 +573,9 @@ def down(a, w2, offs, out, tile: Tile) -> None:
     with launch.on(a.device):
         fused_down_kernel[grid](
             *(descs if tma else (a, w2)),
-            offs,
+            ids if pairs else offs,
+            ids,
+            expert_lo,
             out,
             inter,
             hidden_size,
@@ -553,6 +586,7 @@ def down(a, w2, offs, out, tile: Tile) -> None:
             out.stride(0),
             IEEE=_ieee(a),
             TMA=tma,
+            PAIRS=pairs is not None,
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
