@@ -77,6 +77,14 @@ def gemm_tflops() -> float:
     return 2 * 8192**3 / (us * 1e-6) / 1e12
 
 
+def floor_rates() -> tuple[float, float]:
+    """(copy GB/s, bf16 GEMM TFLOP/s) measured in this run, printed: what the floors divide by."""
+    copy_gbs = timing.report_copy_bandwidth()
+    tflops = gemm_tflops()
+    print(f"bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
+    return copy_gbs, tflops
+
+
 def live_ids(ids, lo, local):
     """The routed ids of the local experts lo..lo + local - 1 (one per live pair)."""
     return ids[(ids >= lo) & (ids < lo + local)]
@@ -366,10 +374,7 @@ def main():
     if args.tune or args.profile:
         (tune if args.tune else profile)(args)
         return
-    copy_gbs = timing.report_copy_bandwidth()
-    tflops = gemm_tflops()
-    print(f"bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
-    bench(args, copy_gbs, tflops)
+    bench(args, *floor_rates())
 
 
 if __name__ == "__main__":

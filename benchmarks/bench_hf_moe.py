@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_fused_experts import floor_us, gemm_tflops  # noqa: E402
+from bench_fused_experts import floor_rates, floor_us  # noqa: E402
 
 from inductor_moe import config  # noqa: E402
 
@@ -157,10 +157,7 @@ def main():
     )
     args = timing.cli(parser)
     timing.header()
-    copy_gbs = timing.report_copy_bandwidth()
-    tflops = gemm_tflops()
-    print(f"bf16 GEMM 8192^3: {tflops:.0f} TFLOP/s")
-    bench(args, copy_gbs, tflops)
+    bench(args, *floor_rates())
 
 
 if __name__ == "__main__":

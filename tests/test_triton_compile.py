@@ -10,7 +10,6 @@ instead."""
 from __future__ import annotations
 
 import contextlib
-import json
 
 import pytest
 import torch
@@ -94,7 +93,7 @@ def assert_fits(compiled, count: int) -> None:
 
 
 def _tuned_points() -> list[tuple[str, str]]:
-    tables = json.loads(fe.CONFIGS.read_text())
+    tables = fe._tuned()
     return sorted({(shape, bucket) for table in tables.values() for shape in table for bucket in table[shape]})
 
 
@@ -104,16 +103,21 @@ def _shape(key: str) -> tuple[int, int, int, int]:
 
 
 def _launch_gemms(config: fe.Config, tokens: int, experts: int, inter: int, hidden: int, top_k: int, dtype):
-    """Both GEMM launchers over meta tensors in transformers' layouts (w13 [E, 2I, H], w2 [E, H, I])."""
+    """Both GEMM launchers over meta tensors in transformers' layouts (w13 [E, 2I, H], w2 [E, H, I]), on sorted
+    rows or, for the "pairs" path, in pair order."""
     pairs = tokens * top_k
     w13 = torch.empty(experts, 2 * inter, hidden, dtype=dtype, device=META)
     w2 = torch.empty(experts, hidden, inter, dtype=dtype, device=META)
     x = torch.empty(tokens, hidden, dtype=dtype, device=META)
-    order = torch.empty(pairs, dtype=torch.int32, device=META)
-    offs = torch.empty(experts, dtype=torch.int32, device=META)
+    order, offs, by_pair = None, None, None
+    if config.path == "pairs":
+        by_pair = (torch.empty(pairs, dtype=torch.int64, device=META), 0)
+    else:
+        order = torch.empty(pairs, dtype=torch.int32, device=META)
+        offs = torch.empty(experts, dtype=torch.int32, device=META)
     a = torch.empty(pairs, inter, dtype=dtype, device=META)
-    fe.up(x, w13[:, :inter], w13[:, inter:], order, offs, a, "silu", top_k, config.up)
-    fe.down(a, w2, offs, torch.empty(pairs, hidden, dtype=dtype, device=META), config.down)
+    fe.up(x, w13[:, :inter], w13[:, inter:], order, offs, a, "silu", top_k, config.up, by_pair)
+    fe.down(a, w2, offs, torch.empty(pairs, hidden, dtype=dtype, device=META), config.down, by_pair)
 
 
 @pytest.mark.parametrize("shape, bucket", _tuned_points())
@@ -121,8 +125,7 @@ def test_tuned_tiles(compiled, shape, bucket):
     """Every tile the shipped tables hold (all tuned on sm90; an sm80 device would take them only through the
     heuristic, so sm80 compiles them without TMA)."""
     experts, inter, hidden, top_k = _shape(shape)
-    tables = json.loads(fe.CONFIGS.read_text())
-    entries = [table[shape][bucket] for table in tables.values() if bucket in table.get(shape, {})]
+    entries = [table[shape][bucket] for table in fe._tuned().values() if bucket in table.get(shape, {})]
     for entry in entries:
         config = fe.Config(fe.Tile(**entry["up"]), fe.Tile(**entry["down"]))
         _launch_gemms(config, int(bucket), experts, inter, hidden, top_k, torch.bfloat16)
@@ -156,18 +159,11 @@ def test_heuristic_tiles(compiled, dtype):
 
 def test_pairs_path(compiled):
     """The GEMMs on rows in pair order (decode), with the Qwen3 shape's decode tiles, pointers and TMA boxes."""
-    experts, inter, hidden, top_k = 128, 768, 2048, 8
-    ids = torch.empty(top_k, dtype=torch.int64, device=META)
-    w13 = torch.empty(experts, 2 * inter, hidden, dtype=torch.bfloat16, device=META)
-    w2 = torch.empty(experts, hidden, inter, dtype=torch.bfloat16, device=META)
-    x = torch.empty(1, hidden, dtype=torch.bfloat16, device=META)
-    a = torch.empty(top_k, inter, dtype=torch.bfloat16, device=META)
-    y = torch.empty(top_k, hidden, dtype=torch.bfloat16, device=META)
     for tma in (False, True):
         tile = fe.Tile(16, 64, 128, 1, 4, 4, tma=tma)
-        fe.up(x, w13[:, :inter], w13[:, inter:], None, None, a, "silu", top_k, tile, (ids, 0))
-        fe.down(a, w2, None, y, tile, (ids, 0))
+        _launch_gemms(fe.Config(tile, tile, "pairs"), 1, 128, 768, 2048, 8, torch.bfloat16)
     assert_fits(compiled, 4)
+    assert [_reads_tma(kernel) for _, kernel in compiled] == [False, False] + [compiled.arch >= 90] * 2
 
 
 def test_grouping(compiled):

@@ -116,24 +116,20 @@ def run_kernels(
     local = (expert_lo, expert_lo + experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
     if tiles.path == "pairs":  # rows in pair order, no grouping; the combine reads them token-major
+        order = offs = src_rows = None
         pairs = (topk_ids.reshape(-1), expert_lo)
-        a = hidden.new_empty(tokens * top_k, inter)  # dead pairs' rows never written nor read
-        kernel.up(hidden, gate, up, None, None, a, activation, top_k, tiles.up, pairs)
-        y = hidden.new_empty(tokens * top_k, hidden_size)
-        kernel.down(a, w2, None, y, tiles.down, pairs)
-        return torch.ops.inductor_moe.moe_combine.default(
-            y, topk_weights, topk_ids, *local, None, zero_dead_rows, renormalize
-        )
-    order, offs, src_rows = group(topk_ids, expert_lo, experts)
+    else:
+        order, offs, src_rows = group(topk_ids, expert_lo, experts)
+        src_rows, pairs = src_rows.view(tokens, top_k), None
     if tiles.path == "grouped_mm" and grouped_mm_fits(hidden, w13, w2, w3):
         y = _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local)
     else:
-        a = hidden.new_empty(tokens * top_k, inter)  # sorted rows; the dead ones (after offs[-1]) never written
-        kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up)
+        a = hidden.new_empty(tokens * top_k, inter)  # dead pairs' rows are never written (nor read)
+        kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up, pairs)
         y = hidden.new_empty(tokens * top_k, hidden_size)
-        kernel.down(a, w2, offs, y, tiles.down)
+        kernel.down(a, w2, offs, y, tiles.down, pairs)
     return torch.ops.inductor_moe.moe_combine.default(
-        y, topk_weights, topk_ids, *local, src_rows.view(tokens, top_k), zero_dead_rows, renormalize
+        y, topk_weights, topk_ids, *local, src_rows, zero_dead_rows, renormalize
     )
 
 

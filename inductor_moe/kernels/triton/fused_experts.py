@@ -512,7 +512,7 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
     token t = order[r] // top_k); with ``pairs`` = (flat ids, expert_lo) instead of order and offs, for every
     live pair r in pair order (t = r // top_k). gate and up_w: [E, I, H], any strides."""
     experts, inter, hidden_size = gate.shape
-    ids, expert_lo = pairs or (offs, 0)
+    ids, expert_lo = pairs or (offs, 0)  # sorted rows: the kernel does not read ids (offs stands in)
     num_m = ids.numel() if pairs else row_blocks(order.numel(), experts, tile.block_m)
     grid = (num_m * triton.cdiv(inter, tile.block_n),)
     if grid[0] == 0:
@@ -525,7 +525,7 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
         fused_up_kernel[grid](
             hidden,
             *(descs if tma else (gate, up_w)),
-            ids if pairs else order,
+            ids if pairs else order,  # pairs: the kernel reads neither order nor offs (ids stand in)
             ids if pairs else offs,
             ids,
             expert_lo,
@@ -560,7 +560,7 @@ def down(a, w2, offs, out, tile: Tile, pairs=None) -> None:
     """``out[r] = a[r] @ w2[e].T`` for every live sorted row r of expert e (or, with ``pairs`` as in :func:`up`,
     every live pair r). w2: [E, H, I], any strides."""
     experts, hidden_size, inter = w2.shape
-    ids, expert_lo = pairs or (offs, 0)
+    ids, expert_lo = pairs or (offs, 0)  # as in up()
     num_m = ids.numel() if pairs else row_blocks(a.shape[0], experts, tile.block_m)
     grid = (num_m * triton.cdiv(hidden_size, tile.block_n),)
     if grid[0] == 0:
@@ -573,7 +573,7 @@ def down(a, w2, offs, out, tile: Tile, pairs=None) -> None:
     with launch.on(a.device):
         fused_down_kernel[grid](
             *(descs if tma else (a, w2)),
-            ids if pairs else offs,
+            ids if pairs else offs,  # as in up()
             ids,
             expert_lo,
             out,

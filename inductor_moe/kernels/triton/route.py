@@ -147,7 +147,7 @@ def route_kernel(
         chosen = chosen / (total + renorm_eps)[:, None]
     chosen = chosen * scaling_factor
     out = row[:, None].to(tl.int64) * TOP_K + out_k[None, :]
-    live = (row[:, None] < tokens) & (out_k[None, :] < TOP_K)
+    live = live_row[:, None] & (out_k[None, :] < TOP_K)
     tl.store(weights_ptr + out, chosen.to(weights_ptr.dtype.element_ty), mask=live)
     tl.store(ids_ptr + out, chosen_ids.to(tl.int64), mask=live)
 
