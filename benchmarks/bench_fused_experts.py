@@ -219,7 +219,7 @@ TILES = {
 }
 
 
-PAIRS_MAX = 64  # routed pairs up to which --tune also times the "pairs" path (past it, experts repeat across pairs)
+PAIRS_MAX = 64  # routed pairs up to which --tune also times the pair-order paths (past it, experts repeat across pairs)
 
 
 def tune(args):
@@ -260,8 +260,9 @@ def tune(args):
                 "triton": kernel.Config(best["up"], best["down"]),
                 "grouped_mm": kernel.Config(best["up"], best["down"], "grouped_mm"),
             }
-            if n <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel
-                paths["pairs"] = kernel.Config(best["up"], best["down"], "pairs")
+            if n <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel (and the combine's)
+                for path in ("pairs", "pairs_combine"):
+                    paths[path] = kernel.Config(best["up"], best["down"], path)
             end_to_end = {}
             for label, cfg in paths.items():
                 fns = [
@@ -271,7 +272,7 @@ def tune(args):
                 end_to_end[label] = timing.graph_us(fns)
                 print(f"  {label}: {end_to_end[label]:.1f} us", flush=True)
             entry = {w: dataclasses.asdict(t) for w, t in best.items()}
-            fastest = min(("triton", "pairs", "grouped_mm"), key=lambda path: end_to_end.get(path, float("inf")))
+            fastest = min(kernel.PATHS, key=lambda path: end_to_end.get(path, float("inf")))
             if fastest != "triton":
                 entry["path"] = fastest
             entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = entry

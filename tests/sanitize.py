@@ -77,10 +77,13 @@ def main():
         tma = kernel.Config(kernel.Tile(64, 64, 64, tma=True), kernel.Tile(64, 64, 64, tma=True))
         got = run_kernels(x, w13, w2.contiguous(), w, ids, "silu", lo, True, None, tiles=tma)
         torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
-        # rows in pair order (the decode path): every row block one pair, dead pairs' rows never touched
-        pairs = kernel.Config(tma.up, tma.down, "pairs")
-        got = run_kernels(x, w13, w2.contiguous(), w, ids, "silu", lo, True, None, tiles=pairs)
-        torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
+        # rows in pair order (the decode path): every row block one pair, dead pairs' rows never touched; and
+        # the combine in the down GEMM (arrival counts, the last program reading the other programs' rows)
+        for path in ("pairs", "pairs_combine"):
+            got = run_kernels(
+                x, w13, w2.contiguous(), w, ids, "silu", lo, True, None, tiles=kernel.Config(tma.up, tma.down, path)
+            )
+            torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
     # route: E not a power of two, a few tokens a program with the last program partial, groups, k not one
     for tokens, experts, k, groups in ((1, 8, 2, 1), (37, 160, 7, 8), (300, 512, 16, 1)):
         logits = torch.randn(tokens, experts, device="cuda", dtype=torch.bfloat16)

@@ -288,10 +288,13 @@ def run_interpreter_cases() -> dict[str, str]:
             assert_close_to_reference(out, ref, dtype)
             # the "pairs" path: no grouping, rows in pair order (sentinels adding w * 0 where they are the filter)
             zero_dead = filt == "id >= E sentinel"
-            pairs = kernel.Config(kernel.Tile(16, 16, 16), kernel.Tile(16, 16, 16, tma=True), "pairs")
-            out = run_kernels(x, w13, w2, w, ids, activation, rng[0], True, w3, zero_dead, tiles=pairs)
             ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True, w3, zero_dead)
-            assert_close_to_reference(out, ref, dtype)
+            # ids through a view with a stride (the flat ids the pair programs read are a copy then)
+            strided = torch.stack([ids, torch.full_like(ids, -7)], -1)[..., 0]
+            for path in ("pairs", "pairs_combine"):
+                pairs = kernel.Config(kernel.Tile(16, 16, 16), kernel.Tile(16, 16, 16, tma=True), path)
+                out = run_kernels(x, w13, w2, w, strided, activation, rng[0], True, w3, zero_dead, tiles=pairs)
+                assert_close_to_reference(out, ref, dtype)
             results[repr((dtype_name, layout, filt, activation))] = "ok"
         except AssertionError as e:
             results[repr((dtype_name, layout, filt, activation))] = str(e)[-500:]
@@ -336,21 +339,25 @@ def test_grouped_mm_path(device, filt):
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 7, 37])
 @pytest.mark.parametrize("filt", ["-1 dead", "id >= E sentinel", "local range", "all dead", "none dead"])
-def test_pairs_path(tokens, filt):
+@pytest.mark.parametrize("path", ["pairs", "pairs_combine"])
+def test_pairs_path(tokens, filt, path):
     # rows in pair order without the grouping kernel (decode): the same results as the sorted rows' path, with
-    # pairs of one expert from several tokens (T=37 over 6 experts) each reading the expert's weights
+    # pairs of one expert from several tokens (T=37 over 6 experts) each reading the expert's weights; with the
+    # combine in the down GEMM, a token's last program of a column block sums rows other programs stored, in
+    # k order: the same bits every call
     from inductor_moe.ops.fused_experts import run_kernels
 
-    x, w13, w2, w, ids, rng, _ = layer(tokens, 64, 48, 6, 2, torch.bfloat16, "cuda", filt=filt)
+    x, w13, w2, w, ids, rng, _ = layer(tokens, 64, 40, 6, 8, torch.bfloat16, "cuda", filt=filt)
     zero_dead = filt == "id >= E sentinel"
-    for tma in (False, True):
-        tile = kernel.Tile(16, 32, 32, tma=tma)
-        for activation in reference.ACTIVATIONS:
-            out = run_kernels(
-                x, w13, w2, w, ids, activation, rng[0], True, None, zero_dead, tiles=kernel.Config(tile, tile, "pairs")
-            )
-            ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True, None, zero_dead)
-            assert_close_to_reference(out, ref, torch.bfloat16)
+    for renormalize in (False, True):
+        for tma in (False, True):
+            tile = kernel.Tile(16, 16, 32, tma=tma)
+            for activation in reference.ACTIVATIONS:
+                args = (x, w13, w2, w, ids, activation, rng[0], renormalize, None, zero_dead)
+                out = run_kernels(*args, tiles=kernel.Config(tile, tile, path))
+                assert_close_to_reference(out, reference.fused_experts_ref(*args), torch.bfloat16)
+                for _ in range(3):
+                    assert torch.equal(run_kernels(*args, tiles=kernel.Config(tile, tile, path)), out)
 
 
 @pytest.mark.cuda
@@ -373,7 +380,7 @@ def test_config_table_and_heuristic():
                 assert int(bucket) == kernel.token_bucket(int(bucket))
                 for tile in (kernel.Tile(**entry["up"]), kernel.Tile(**entry["down"])):
                     assert tile.block_m >= 16 and tile.block_n >= 16 and tile.block_k >= 16
-                assert entry.get("path", "triton") in ("triton", "pairs", "grouped_mm")
+                assert entry.get("path", "triton") in kernel.PATHS
     assert set(kernel.SAME_ARCH.values()) <= set(kernel._tuned()), "an architecture's fallback table is missing"
     assert kernel.token_bucket(1) == 1 and kernel.token_bucket(17) == 32 and kernel.token_bucket(0) == 1
     small = kernel.config_for(1, 3, 40, 24, 2, torch.bfloat16, torch.device("cpu"))

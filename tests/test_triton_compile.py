@@ -104,20 +104,25 @@ def _shape(key: str) -> tuple[int, int, int, int]:
 
 def _launch_gemms(config: fe.Config, tokens: int, experts: int, inter: int, hidden: int, top_k: int, dtype):
     """Both GEMM launchers over meta tensors in transformers' layouts (w13 [E, 2I, H], w2 [E, H, I]), on sorted
-    rows or, for the "pairs" path, in pair order."""
+    rows or, for the pair-order paths, in pair order (with the combine in the down GEMM for "pairs_combine",
+    renormalising bf16 weights)."""
     pairs = tokens * top_k
     w13 = torch.empty(experts, 2 * inter, hidden, dtype=dtype, device=META)
     w2 = torch.empty(experts, hidden, inter, dtype=dtype, device=META)
     x = torch.empty(tokens, hidden, dtype=dtype, device=META)
-    order, offs, by_pair = None, None, None
-    if config.path == "pairs":
+    order, offs, by_pair, combine = None, None, None, None
+    if config.by_pair:
         by_pair = (torch.empty(pairs, dtype=torch.int64, device=META), 0)
     else:
         order = torch.empty(pairs, dtype=torch.int32, device=META)
         offs = torch.empty(experts, dtype=torch.int32, device=META)
+    if config.path == "pairs_combine":
+        weights = torch.empty(tokens, top_k, dtype=torch.bfloat16, device=META)
+        counts = fe.combine_counts(tokens, hidden, config.down, META)
+        combine = fe.Combine(weights, counts, torch.empty_like(x), True, False)
     a = torch.empty(pairs, inter, dtype=dtype, device=META)
-    fe.up(x, w13[:, :inter], w13[:, inter:], order, offs, a, "silu", top_k, config.up, by_pair)
-    fe.down(a, w2, offs, torch.empty(pairs, hidden, dtype=dtype, device=META), config.down, by_pair)
+    fe.up(x, w13[:, :inter], w13[:, inter:], order, offs, a, "silu", top_k, config.up, by_pair, combine and counts)
+    fe.down(a, w2, offs, torch.empty(pairs, hidden, dtype=dtype, device=META), config.down, by_pair, combine)
 
 
 @pytest.mark.parametrize("shape, bucket", _tuned_points())
@@ -157,11 +162,12 @@ def test_heuristic_tiles(compiled, dtype):
     assert_fits(compiled, 6)
 
 
-def test_pairs_path(compiled):
+@pytest.mark.parametrize("path", ["pairs", "pairs_combine"])
+def test_pairs_path(compiled, path):
     """The GEMMs on rows in pair order (decode), with the Qwen3 shape's decode tiles, pointers and TMA boxes."""
     for tma in (False, True):
         tile = fe.Tile(16, 64, 128, 1, 4, 4, tma=tma)
-        _launch_gemms(fe.Config(tile, tile, "pairs"), 1, 128, 768, 2048, 8, torch.bfloat16)
+        _launch_gemms(fe.Config(tile, tile, path), 1, 128, 768, 2048, 8, torch.bfloat16)
     assert_fits(compiled, 4)
     assert [_reads_tma(kernel) for _, kernel in compiled] == [False, False] + [compiled.arch >= 90] * 2
 

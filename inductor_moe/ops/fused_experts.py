@@ -102,8 +102,8 @@ def run_kernels(
     hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows=False, tiles=None
 ):
     """The CUDA sequence (also the interpreter's, on CPU tensors under TRITON_INTERPRET=1): group, up, down,
-    combine (the "pairs" path: up, down, combine). ``tiles`` overrides the config table (the benchmark's
-    tuning)."""
+    combine (the "pairs" path: up, down, combine; "pairs_combine": up, down with the combine). ``tiles``
+    overrides the config table (the benchmark's tuning)."""
     from ..kernels.triton import fused_experts as kernel
 
     tokens, hidden_size = hidden.shape
@@ -115,9 +115,14 @@ def run_kernels(
         return hidden.new_zeros(hidden.shape)
     local = (expert_lo, expert_lo + experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
-    if tiles.path == "pairs":  # rows in pair order, no grouping; the combine reads them token-major
+    combine = None
+    if tiles.by_pair:  # rows in pair order, no grouping; the combine reads them token-major
         order = offs = src_rows = None
-        pairs = (topk_ids.reshape(-1), expert_lo)
+        pairs = (topk_ids.reshape(-1).contiguous(), expert_lo)  # a view may keep a stride (ids[:, ::2])
+        if tiles.path == "pairs_combine":
+            counts = kernel.combine_counts(tokens, hidden_size, tiles.down, hidden.device)
+            out = hidden.new_empty(hidden.shape)
+            combine = kernel.Combine(topk_weights, counts, out, renormalize, zero_dead_rows)
     else:
         order, offs, src_rows = group(topk_ids, expert_lo, experts)
         src_rows, pairs = src_rows.view(tokens, top_k), None
@@ -125,9 +130,11 @@ def run_kernels(
         y = _grouped_mm_experts(hidden, w13, w2, topk_ids, order, offs, activation, local)
     else:
         a = hidden.new_empty(tokens * top_k, inter)  # dead pairs' rows are never written (nor read)
-        kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up, pairs)
+        kernel.up(hidden, gate, up, order, offs, a, activation, top_k, tiles.up, pairs, combine and combine.counts)
         y = hidden.new_empty(tokens * top_k, hidden_size)
-        kernel.down(a, w2, offs, y, tiles.down, pairs)
+        kernel.down(a, w2, offs, y, tiles.down, pairs, combine)
+    if combine is not None:
+        return combine.out
     return torch.ops.inductor_moe.moe_combine.default(
         y, topk_weights, topk_ids, *local, src_rows, zero_dead_rows, renormalize
     )

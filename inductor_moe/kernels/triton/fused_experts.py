@@ -62,13 +62,23 @@ class Config:
     """Both GEMMs' configs (each kernel blocks the sorted rows its own way), and the path: these kernels
     ("triton"), these kernels on rows in pair order without the grouping kernel ("pairs": a row block a pair,
     for decode, where the chain of dependent launches is most of the time: with 1/8 of Qwen3's experts local,
-    T=1 takes 16.0 us for a 3.9 us weight-read floor on the H100), or torch's grouped GEMMs with our activation
-    between them ("grouped_mm", where the table measured it faster: compute-bound shapes, hundreds of rows an
-    expert; H100, Mixtral-8x7B at T=2048: 2878 us against 3435)."""
+    T=1 takes 16.0 us for a 3.9 us weight-read floor on the H100), the same with the combine in the down GEMM
+    ("pairs_combine": the last of a token's K programs of a column block to finish sums their rows, one launch
+    fewer), or torch's grouped GEMMs with our activation between them ("grouped_mm", where the table measured it
+    faster: compute-bound shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2878 us against
+    3435)."""
 
     up: Tile
     down: Tile
     path: str = "triton"
+
+    @property
+    def by_pair(self) -> bool:
+        """Rows in pair order, no grouping kernel."""
+        return self.path in ("pairs", "pairs_combine")
+
+
+PATHS = ("triton", "pairs", "pairs_combine", "grouped_mm")
 
 
 @triton.jit
@@ -155,6 +165,8 @@ def fused_up_kernel(
     ids_ptr,
     expert_lo,
     out_ptr,
+    counts_ptr,
+    count_cols,
     hidden_size,
     inter,
     num_experts,
@@ -173,6 +185,8 @@ def fused_up_kernel(
     IEEE: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,
     PAIRS: tl.constexpr,
+    ZERO_COUNTS: tl.constexpr,
+    COUNT_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -185,6 +199,10 @@ def fused_up_kernel(
         offs_ptr, ids_ptr, expert_lo, inter, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, PAIRS, USE_PDL,
         EARLY_TRIGGER,
     )  # fmt: skip
+    if ZERO_COUNTS:  # the down GEMM's arrival counts of this token, by its first pair's first program (PAIRS)
+        if (n0 == 0) & (row0 % top_k == 0):
+            c = tl.arange(0, COUNT_POW2)
+            tl.store(counts_ptr + (row0 // top_k).to(tl.int64) * count_cols + c, tl.zeros_like(c), mask=c < count_cols)
     if expert >= num_experts:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -228,6 +246,52 @@ def fused_up_kernel(
 
 
 @triton.jit
+def _combine_columns(
+    y_ptr,
+    stride_ym,
+    weights_ptr,
+    stride_wt,
+    stride_wk,
+    ids_ptr,
+    expert_lo,
+    num_experts,
+    out_ptr,
+    stride_om,
+    token,
+    cols,
+    col_ok,
+    TOP_K: tl.constexpr,
+    RENORM: tl.constexpr,
+    ZERO_DEAD: tl.constexpr,
+):
+    """``out[token, cols]``: moe_combine's sum over k of token-major rows ``y``, in k order in fp32 (its
+    rounding: weights renormalised in their dtype by their fp32 sum, dead pairs not read, or adding w * 0)."""
+    token = token.to(tl.int64)
+    w_row = weights_ptr + token * stride_wt
+    divisor = 1.0
+    if RENORM:
+        total = tl.load(w_row).to(tl.float32)
+        for k in tl.static_range(1, TOP_K):
+            total += tl.load(w_row + k * stride_wk).to(tl.float32)
+        divisor = total.to(weights_ptr.dtype.element_ty).to(tl.float32)
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        local = tl.load(ids_ptr + token * TOP_K + k) - expert_lo
+        live = (local >= 0) & (local < num_experts)
+        w = tl.load(w_row + k * stride_wk).to(tl.float32)
+        if RENORM:
+            w = tl.math.div_rn(w, divisor).to(weights_ptr.dtype.element_ty).to(tl.float32)
+        # L2, not L1: the rows were stored by other programs (ordered before this one by the arrival count)
+        read = tl.where(live, col_ok, False)  # (col_ok & live: ints, not a mask, in the interpreter)
+        row = tl.load(y_ptr + (token * TOP_K + k) * stride_ym + cols, mask=read, other=0.0, cache_modifier=".cg")
+        if ZERO_DEAD:
+            acc += tl.where(live, row.to(tl.float32) * w, w * 0.0)
+        else:
+            acc += tl.where(live, row.to(tl.float32) * w, 0.0)
+    tl.store(out_ptr + token * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def fused_down_kernel(
     a_ptr,
     w_ptr,
@@ -244,9 +308,19 @@ def fused_down_kernel(
     stride_wn,
     stride_wk,
     stride_om,
+    weights_ptr,
+    stride_wt,
+    stride_wtk,
+    counts_ptr,
+    combined_ptr,
+    stride_cm,
     IEEE: tl.constexpr,
     TMA: tl.constexpr,
     PAIRS: tl.constexpr,
+    COMBINE: tl.constexpr,
+    TOP_K: tl.constexpr,
+    RENORM: tl.constexpr,
+    ZERO_DEAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -259,34 +333,48 @@ def fused_down_kernel(
         offs_ptr, ids_ptr, expert_lo, hidden_size, num_experts, num_m, BLOCK_M, BLOCK_N, GROUP_M, E_POW2, PAIRS,
         USE_PDL, EARLY_TRIGGER,
     )  # fmt: skip
-    if expert >= num_experts:
-        return
+    if not COMBINE:
+        if expert >= num_experts:
+            return
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hidden_size
-    ks = tl.arange(0, BLOCK_K)
-    if not TMA:
-        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
-        w_ptrs += ks[:, None] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, inter, BLOCK_K):
-        if TMA:  # rows past the expert's (the next expert's, or zeros) only reach columns never stored
-            a = a_ptr.load([row0, k0])
-            w = w_ptr.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
-        else:
-            k_ok = ks < inter - k0
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        if IEEE:
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if expert < num_experts:  # with COMBINE a dead pair's programs skip the GEMM but still arrive below
+        ks = tl.arange(0, BLOCK_K)
+        if not TMA:
+            a_ptrs = a_ptr + rows[:, None].to(tl.int64) * stride_am + ks[None, :]
+            w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn
+            w_ptrs += ks[:, None] * stride_wk
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            if TMA:  # rows past the expert's (the next expert's, or zeros) only reach columns never stored
+                a = a_ptr.load([row0, k0])
+                w = w_ptr.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K).T
+            else:
+                k_ok = ks < inter - k0
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                a_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if COMBINE:  # PAIRS: row0 is the pair; its token's K programs of this column block each arrive once
+        token = row0 // TOP_K
+        count = counts_ptr + token.to(tl.int64) * tl.cdiv(hidden_size, BLOCK_N) + n0 // BLOCK_N
+        # a barrier, so every thread's rows are stored before the (one thread's) release; the arrival's result
+        # reaches the other threads through shared memory after a barrier, which orders their reads after the
+        # acquire: the last program to arrive reads all K rows
+        tl.debug_barrier()
+        if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == TOP_K - 1:
+            _combine_columns(
+                out_ptr, stride_om, weights_ptr, stride_wt, stride_wtk, ids_ptr, expert_lo, num_experts,
+                combined_ptr, stride_cm, token, cols, col_ok, TOP_K, RENORM, ZERO_DEAD,
+            )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -507,10 +595,11 @@ def group(ids, ids_strides, expert_lo: int, experts: int, order, offs, src_rows)
         )  # fmt: skip
 
 
-def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: Tile, pairs=None) -> None:
+def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: Tile, pairs=None, counts=None) -> None:
     """``out[r] = act(hidden[t] @ gate[e].T) * (hidden[t] @ up_w[e].T)`` for every live sorted row r (expert e,
     token t = order[r] // top_k); with ``pairs`` = (flat ids, expert_lo) instead of order and offs, for every
-    live pair r in pair order (t = r // top_k). gate and up_w: [E, I, H], any strides."""
+    live pair r in pair order (t = r // top_k). gate and up_w: [E, I, H], any strides. ``counts`` (int32 [T,
+    column blocks], with ``pairs``): the arrival counts of the down GEMM that combines, zeroed here."""
     experts, inter, hidden_size = gate.shape
     ids, expert_lo = pairs or (offs, 0)  # sorted rows: the kernel does not read ids (offs stands in)
     num_m = ids.numel() if pairs else row_blocks(order.numel(), experts, tile.block_m)
@@ -530,6 +619,8 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             ids,
             expert_lo,
             out,
+            ids if counts is None else counts,
+            1 if counts is None else counts.shape[1],
             hidden_size,
             inter,
             experts,
@@ -543,6 +634,8 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             IEEE=_ieee(hidden),
             WEIGHT_TMA=tma,
             PAIRS=pairs is not None,
+            ZERO_COUNTS=counts is not None,
+            COUNT_POW2=1 if counts is None else triton.next_power_of_2(counts.shape[1]),
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
@@ -556,9 +649,27 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
         )
 
 
-def down(a, w2, offs, out, tile: Tile, pairs=None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Combine:
+    """The combine folded into the down GEMM (with ``pairs``): ``out = moe_combine(rows, weights, ids, ...)``
+    written by the last of each token's K programs of a column block to arrive on ``counts`` (zeroed by the up
+    GEMM: :func:`up`'s ``counts``)."""
+
+    weights: torch.Tensor
+    counts: torch.Tensor
+    out: torch.Tensor
+    renormalize: bool
+    zero_dead_rows: bool
+
+
+def combine_counts(tokens: int, hidden_size: int, tile: Tile, device) -> torch.Tensor:
+    """The arrival counts of a combining down GEMM: one per token and column block."""
+    return torch.empty(tokens, triton.cdiv(hidden_size, tile.block_n), dtype=torch.int32, device=device)
+
+
+def down(a, w2, offs, out, tile: Tile, pairs=None, combine: Combine | None = None) -> None:
     """``out[r] = a[r] @ w2[e].T`` for every live sorted row r of expert e (or, with ``pairs`` as in :func:`up`,
-    every live pair r). w2: [E, H, I], any strides."""
+    every live pair r). w2: [E, H, I], any strides. With ``combine`` (and ``pairs``) the rows' combine too."""
     experts, hidden_size, inter = w2.shape
     ids, expert_lo = pairs or (offs, 0)  # as in up()
     num_m = ids.numel() if pairs else row_blocks(a.shape[0], experts, tile.block_m)
@@ -584,9 +695,15 @@ def down(a, w2, offs, out, tile: Tile, pairs=None) -> None:
             a.stride(0),
             *w2.stride(),
             out.stride(0),
+            *((combine.weights, *combine.weights.stride()) if combine else (out, 0, 0)),
+            *((combine.counts, combine.out, combine.out.stride(0)) if combine else (out, out, 0)),
             IEEE=_ieee(a),
             TMA=tma,
             PAIRS=pairs is not None,
+            COMBINE=combine is not None,
+            TOP_K=1 if combine is None else combine.weights.shape[1],
+            RENORM=bool(combine and combine.renormalize),
+            ZERO_DEAD=bool(combine and combine.zero_dead_rows),
             BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
