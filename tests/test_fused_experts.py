@@ -349,15 +349,14 @@ def test_pairs_path(tokens, filt, path):
 
     x, w13, w2, w, ids, rng, _ = layer(tokens, 64, 40, 6, 8, torch.bfloat16, "cuda", filt=filt)
     zero_dead = filt == "id >= E sentinel"
-    for renormalize in (False, True):
-        for tma in (False, True):
-            tile = kernel.Tile(16, 16, 32, tma=tma)
-            for activation in reference.ACTIVATIONS:
-                args = (x, w13, w2, w, ids, activation, rng[0], renormalize, None, zero_dead)
-                out = run_kernels(*args, tiles=kernel.Config(tile, tile, path))
-                assert_close_to_reference(out, reference.fused_experts_ref(*args), torch.bfloat16)
-                for _ in range(3):
-                    assert torch.equal(run_kernels(*args, tiles=kernel.Config(tile, tile, path)), out)
+    for renormalize, tma in ((False, False), (True, True)):
+        tile = kernel.Tile(16, 16, 32, tma=tma)
+        for activation in reference.ACTIVATIONS:
+            args = (x, w13, w2, w, ids, activation, rng[0], renormalize, None, zero_dead)
+            out = run_kernels(*args, tiles=kernel.Config(tile, tile, path))
+            assert_close_to_reference(out, reference.fused_experts_ref(*args), torch.bfloat16)
+            for _ in range(3):
+                assert torch.equal(run_kernels(*args, tiles=kernel.Config(tile, tile, path)), out)
 
 
 @pytest.mark.cuda
