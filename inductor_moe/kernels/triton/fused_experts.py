@@ -15,7 +15,9 @@ weights are.
   activation is the epilogue, rounded once to the input dtype.
 - ``down``: ``y[r] = a[r] @ w2[e].T``, fp32 accumulation, rounded to the input dtype. The routed weights and the
   sum over k are the combine's (``moe_combine`` with ``src_rows``: fp32, the renormalisation folded in), which
-  reads each pair's row once: the same bytes as weighting here, with one rounding fewer.
+  reads each pair's row once: the same bytes as weighting here, with one rounding fewer. On rows in pair order
+  the combine can run in the down GEMM itself (``COMBINE``): each program counts its arrival on its token's
+  column block, and the last of the K to arrive sums their rows as ``moe_combine`` does, one launch fewer.
 
 PDL on sm90+: ``gdc_wait`` before the first global read, ``launch_pdl=True``; the next kernel's own wait orders
 it, so no early trigger. fp32 inputs take IEEE-precision dots (correct, slower); 16-bit ones the tensor cores
