@@ -170,6 +170,24 @@ def test_pairs_path(compiled, path):
         _launch_gemms(fe.Config(tile, tile, path), 1, 128, 768, 2048, 8, torch.bfloat16)
     assert_fits(compiled, 4)
     assert [_reads_tma(kernel) for _, kernel in compiled] == [False, False] + [compiled.arch >= 90] * 2
+    if path == "pairs_combine":
+        for name, kernel in compiled:
+            if name == "fused_down_kernel":
+                _assert_arrival_orders_rows(kernel.asm["ptx"])
+
+
+def _assert_arrival_orders_rows(ptx: str) -> None:
+    """The combining down GEMM's memory order: its rows stored, a barrier, one acq_rel arrival at GPU scope, a
+    barrier (its result through shared memory), then the other programs' rows read from L2."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    arrivals = [i for i, line in enumerate(lines) if line.startswith("@") and "atom.global.gpu.acq_rel.add" in line]
+    assert len(arrivals) == 1, arrivals
+    (arrival,) = arrivals
+    before, after = lines[:arrival], lines[arrival + 1 :]
+    last_store = max(i for i, line in enumerate(before) if "st.global" in line)
+    assert any(line.startswith("bar.sync") for line in before[last_store:])
+    first_row = next(i for i, line in enumerate(after) if "ld.global.cg" in line)
+    assert any(line.startswith("bar.sync") for line in after[:first_row])
 
 
 def test_grouping(compiled):
