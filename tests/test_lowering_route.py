@@ -49,13 +49,13 @@ def mixtral():
     return _init(MixtralTopKRouter(cfg))
 
 
-def deepseek_v3():
+def deepseek_v3(n_group=8, topk_group=3):
     cfg = transformers.DeepseekV3Config(
         hidden_size=HIDDEN,
         n_routed_experts=32,
         num_experts_per_tok=4,
-        n_group=8,
-        topk_group=3,
+        n_group=n_group,
+        topk_group=topk_group,
         routed_scaling_factor=2.5,
     )
     return _init(DeepseekV3TopkRouter(cfg))
@@ -107,7 +107,14 @@ def sigmoid_rank(router, logits):
 ROUTERS = {"qwen3": (qwen3, True), "qwen3 unnormalised": (lambda: qwen3(False), True), "mixtral": (mixtral, True)}
 
 
-SIGMOID_ROUTERS = {"deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "minimax_m2": lambda: _init(MiniMaxM2())}
+SIGMOID_ROUTERS = {
+    "deepseek_v3": deepseek_v3,
+    # one group chosen: Inductor turns the scatter of one index into a one-hot (where(idx == iota, 1, 0))
+    "deepseek_v3 one of 4 groups": lambda: deepseek_v3(4, 1),
+    "deepseek_v3 one group (Kimi-K2, GLM-4.5)": lambda: deepseek_v3(1, 1),
+    "glm4_moe": glm4_moe,
+    "minimax_m2": lambda: _init(MiniMaxM2()),
+}
 
 
 @pytest.mark.parametrize("name", [*ROUTERS, *SIGMOID_ROUTERS])
@@ -252,9 +259,37 @@ def test_softmax_in_16_bits_is_left_alone():
     assert any("rounded to 16 bits" in r for r in _rejected(report)), _rejected(report)
 
 
+def one_hot_groups(bias, start=0):
+    """Group-limited sigmoid top-k whose group mask is a one-hot of the best group against ``arange(start,
+    start + 4)``: the chosen group's mask at start 0, another group's past it."""
+
+    def spelling(x):
+        scores = x.float().sigmoid()
+        choice = scores + bias
+        best = choice.view(-1, 4, 6).topk(2, -1)[0].sum(-1).topk(1, -1)[1]
+        mask = torch.where(best == torch.arange(start, start + 4), 1.0, 0.0)
+        keep = mask.unsqueeze(-1).expand(-1, 4, 6).reshape(-1, 24).bool()
+        ids = choice.masked_fill(~keep, float("-inf")).topk(4, -1, sorted=False)[1]
+        return scores.gather(1, ids), ids
+
+    return spelling
+
+
+def test_one_hot_group_mask():
+    # the one-hot Inductor makes of a one-column scatter, here spelled by hand: the same choice
+    bias = torch.randn(24) / 10
+    spelling = one_hot_groups(bias)
+    x = torch.randn(37, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, report = compile_rewrite(spelling, x)
+    assert families(report) == ["route"], report
+    assert_same_choice(got, spelling(x), x.float().sigmoid() + bias, sorted_ids=False)
+
+
 @pytest.mark.parametrize(
     "case,reason",
     [
+        ("one-hot of another group", "the group mask is not ones scattered into zeros"),
         ("3-D logits", "the logits are 3-D"),
         ("600 experts", "600 experts"),
         ("k = 17", "k = 17"),
@@ -270,6 +305,7 @@ def test_near_misses(case, reason):
         "k = 17": (lambda x: torch.topk(torch.softmax(x, -1, dtype=torch.float), 17), 24),
         "smallest": (lambda x: torch.topk(torch.softmax(x, -1, dtype=torch.float), 4, largest=False), 24),
         "biased values": (lambda x: torch.topk(x.float().sigmoid() + bias, 4), 24),
+        "one-hot of another group": (one_hot_groups(bias, start=1), 24),
     }
     spelling, experts = spellings[case]
     x = torch.randn(13, experts, dtype=torch.bfloat16)

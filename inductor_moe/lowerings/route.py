@@ -272,6 +272,33 @@ def _match_sigmoid(topk):
     return _with_tail(weights, ids, args)
 
 
+def _ones_at(mask):
+    """The [T, n] index whose entries ``mask`` [T, G] holds ones at and zeros elsewhere, or why not: ones
+    scattered into zeros along the last dim, or, for an index of one column, the one-hot Inductor makes of that
+    scatter (``where(index.expand(T, G) == iota(G).view(1, G), 1, 0)``, cast)."""
+    if is_call(mask, aten.scatter.value):
+        zeros, dim, index, one = mask.args
+        if not (matching.fill_value(zeros, val(mask)) == 0 and one == 1 and dim in (1, -1)):
+            return "the group mask is not ones scattered into zeros"
+        return index
+    one_hot = mask.args[0] if is_call(mask, prims.convert_element_type.default) else mask
+    if not (is_call(one_hot, aten.where.self) and is_call(one_hot.args[0], aten.eq.Tensor)):
+        return "the choice is masked by something other than a mask of groups"
+    if not (matching.scalar_constant(one_hot.args[1]) == 1 and matching.scalar_constant(one_hot.args[2]) == 0):
+        return "the group mask is not ones scattered into zeros"
+    index, groups = one_hot.args[0].args
+    if is_call(index, aten.expand.default):
+        index = index.args[0]
+    width = list(val(mask).shape)[1:]
+    row = list(val(groups).shape) in ([1, *width], width)  # views of a 1-D iota keep its order along the last dim
+    while is_call(groups, *_VIEWS, aten.unsqueeze.default):
+        groups = groups.args[0]
+    iota = is_call(groups, prims.iota.default) and groups.kwargs.get("start") == 0 and groups.kwargs.get("step") == 1
+    if not (row and iota and [groups.args[0]] == width and val(index).dim() == 2 and val(index).shape[1] == 1):
+        return "the group mask is not ones scattered into zeros"
+    return index
+
+
 def _groups(masked, choice, experts, k):
     """(n_group, topk_group) of the group mask, or why not."""
     not_mask = masked.args[0]
@@ -283,14 +310,14 @@ def _groups(masked, choice, experts, k):
         return "the choice is masked by something other than a mask of groups"
     while is_call(spread, *_VIEWS, aten.clone.default, aten.expand.default):
         spread = spread.args[0]
-    if not (is_call(spread, aten.unsqueeze.default) and is_call(spread.args[0], aten.scatter.value)):
+    if not is_call(spread, aten.unsqueeze.default):
         return "the choice is masked by something other than a mask of groups"
     if not matching.is_last_dim(spread.args[1], val(spread).dim()):
         return "the group mask is not spread over each group's experts"
     scatter = spread.args[0]
-    zeros, dim, index, one = scatter.args
-    if not (matching.fill_value(zeros, val(scatter)) == 0 and one == 1 and dim in (1, -1)):
-        return "the group mask is not ones scattered into zeros"
+    index = _ones_at(scatter)
+    if isinstance(index, str):
+        return index
     if not (is_call(index, operator.getitem) and index.args[1] == 1 and is_call(index.args[0], aten.topk.default)):
         return "the groups are not picked by a top-k"
     group_topk = index.args[0]
