@@ -71,6 +71,7 @@ CASES = [
     (33, 512, 16, "softmax", 1, 1, True, "bfloat16", "bfloat16", "randn"),
     (5, 256, 8, "sigmoid", 8, 4, True, "float32", None, "randn"),
     (9, 160, 7, "sigmoid", 8, 3, False, "bfloat16", None, "randn"),
+    (11, 96, 6, "sigmoid", 4, 1, True, "float32", None, "randn"),  # one group chosen
     (3, 16, 16, "sigmoid", 1, 1, True, "float32", "float16", "randn"),
     (0, 64, 4, "softmax", 1, 1, True, "float32", None, "randn"),
     (7, 24, 5, "softmax", 1, 1, False, "float32", None, "ties"),

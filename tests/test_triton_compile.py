@@ -201,8 +201,16 @@ def test_grouping(compiled):
     assert_fits(compiled, 4)
 
 
-# (experts, top_k, n_group, topk_group, tokens): Qwen3-MoE, Mixtral, DeepSeek-V3, E not a power of two, the limits
-ROUTERS = [(128, 8, 1, 1, 1), (8, 2, 1, 1, 4096), (256, 8, 8, 4, 16), (60, 3, 4, 2, 37), (512, 16, 1, 1, 256)]
+# (experts, top_k, n_group, topk_group, tokens): Qwen3-MoE, Mixtral, DeepSeek-V3, E not a power of two, one group
+# of several chosen, the limits
+ROUTERS = [
+    (128, 8, 1, 1, 1),
+    (8, 2, 1, 1, 4096),
+    (256, 8, 8, 4, 16),
+    (60, 3, 4, 2, 37),
+    (96, 6, 4, 1, 11),
+    (512, 16, 1, 1, 256),
+]
 
 
 @pytest.mark.parametrize("router", ROUTERS, ids=str)
