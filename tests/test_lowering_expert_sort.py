@@ -156,6 +156,28 @@ def test_topk_ids_are_narrowed(experts, narrowed, as_int32):
     assert torch.equal(out, fn(logits))
 
 
+@pytest.mark.parametrize("spelling", ["max", "argmax", "cat of max and argmax", "cat with a -1 column"])
+def test_argmax_ids_are_bounded(spelling):
+    # PhiMoE's router picks each of its two experts by a max over E; the ids side by side are in [0, E) unless a
+    # column comes from elsewhere (a -1 there is no bound: the key stays int64)
+    logits = torch.randn(37, 40)
+
+    def fn(logits):
+        best = logits.max(dim=-1, keepdim=True).indices
+        second = logits.argmax(dim=-1, keepdim=True)
+        ids = {
+            "max": best,
+            "argmax": second,
+            "cat of max and argmax": torch.cat([best, second], dim=-1),
+            "cat with a -1 column": torch.cat([best, torch.full_like(best, -1)], dim=-1),
+        }[spelling]
+        return torch.argsort(ids.view(-1), stable=True)
+
+    out, report = compile_rewrite(fn, logits)
+    assert sort_dtype(report) == (None if spelling == "cat with a -1 column" else "uint8"), report
+    assert torch.equal(out, fn(logits))
+
+
 def test_a_cast_that_could_wrap_is_not_a_bound():
     # ids of 300 experts through int8 and back: values wrap around, so [0, 300) bounds nothing
     logits = torch.randn(16, 300)

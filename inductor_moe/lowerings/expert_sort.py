@@ -101,6 +101,15 @@ def _key_bounds(key: torch.fx.Node) -> tuple[int, int] | str:
         return ""
     if source.target is operator.getitem and source.args[1] == 1 and source.args[0].target is aten.topk.default:
         bounds = _topk_bounds(source.args[0])
+    elif source.target is operator.getitem and source.args[1] == 1 and source.args[0].target is aten.max.dim:
+        bounds = _index_bounds(source.args[0].args[0], source.args[0].args[1])
+    elif source.target is aten.argmax.default and len(source.args) > 1 and source.args[1] is not None:
+        bounds = _index_bounds(source.args[0], source.args[1])
+    elif source.target is aten.cat.default:  # indices side by side (PhiMoE's two argmax choices)
+        parts = [_key_bounds(part) for part in source.args[0]]
+        if not parts or not all(isinstance(b, tuple) for b in parts):
+            return next((b for b in parts if isinstance(b, str) and b), "")
+        bounds = (min(b[0] for b in parts), max(b[1] for b in parts))
     elif source.target is aten.where.self:
         bounds = _where_bounds(source)
     else:
@@ -113,11 +122,16 @@ def _key_bounds(key: torch.fx.Node) -> tuple[int, int] | str:
 
 
 def _topk_bounds(topk: torch.fx.Node) -> tuple[int, int] | str:
-    x = val(topk.args[0])
     dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    return _index_bounds(topk.args[0], dim)
+
+
+def _index_bounds(x: torch.fx.Node, dim: int) -> tuple[int, int] | str:
+    """The bounds of indices into ``x`` along ``dim`` (a top-k's, a max's, an argmax's): [0, size - 1]."""
+    x = val(x)
     size = x.shape[dim] if x.dim() else 1
     if not isinstance(size, int):
-        return f"the top-k runs over a dim of symbolic size {size}"
+        return f"the indices run over a dim of symbolic size {size}"
     return (0, size - 1)
 
 
