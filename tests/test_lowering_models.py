@@ -1,7 +1,7 @@
 """transformers' MoE blocks across model families (tiny configs of the installed release, bf16, the grouped_mm
-experts implementation), compiled with the backend on the CPU: the router becomes one ``route`` and the experts
-one ``fused_experts`` wherever the block is spelled as those ops compute, with eager's result; where it is not,
-the rejection says why."""
+and batched_mm experts implementations), compiled with the backend on the CPU: the router becomes one ``route``
+and the experts one ``fused_experts`` wherever the block is spelled as those ops compute, with eager's result;
+where it is not, the rejection says why."""
 
 from __future__ import annotations
 
@@ -54,13 +54,13 @@ MODELS = [
 ]
 
 
-def moe_block(model_type: str, extra: dict):
+def moe_block(model_type: str, extra: dict, impl: str = "grouped_mm"):
     """The first MoE block of a one-layer model of ``model_type``, bf16, its weights N(0, 1/fan-in)."""
     cfg = transformers.AutoConfig.for_model(model_type)
     for key, value in {**SIZES, **extra}.items():
         if hasattr(cfg, key):
             setattr(cfg, key, value)
-    cfg._experts_implementation = "grouped_mm"
+    cfg._experts_implementation = impl
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     block = next(m for name, m in model.named_modules() if hasattr(m, "experts") and not name.endswith("experts"))
@@ -93,8 +93,9 @@ def untied_tokens(block, x) -> torch.Tensor:
     MODELS,
     ids=[model + "".join(f"-{k}={v}" for k, v in extra.items()) for model, extra, _, _ in MODELS],
 )
-def test_model_block(model_type, extra, rewritten, rejected):
-    block = moe_block(model_type, extra)
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_model_block(model_type, extra, rewritten, rejected, impl):
+    block = moe_block(model_type, extra, impl)
     x = torch.randn(1, TOKENS, HIDDEN, dtype=torch.bfloat16)
     with torch.no_grad():
         out, report = compile_rewrite(block, x)
