@@ -84,6 +84,14 @@ PATHS = ("triton", "pairs", "pairs_combine", "grouped_mm")
 
 
 @triton.jit
+def _local_expert(ids, expert_lo, experts):
+    """The expert filter: an id's local expert, or ``experts`` (dead) outside [expert_lo, expert_lo + experts),
+    computed in the ids' dtype (an int64 id far outside the range cannot wrap into it)."""
+    local = ids - expert_lo
+    return tl.where((local >= 0) & (local < experts), local, experts).to(tl.int32)
+
+
+@triton.jit
 def _row_block(offs_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """(expert, first sorted row, the expert's end row) of row block ``pid_m``; expert == num_experts past the
     last block. Blocks are numbered expert after expert, ceil(count / BLOCK_M) an expert."""
@@ -137,8 +145,7 @@ def _program(
             tl.extra.cuda.gdc_launch_dependents()
     pid_m, pid_n = _tile_ids(num_m, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
     if PAIRS:
-        local = tl.load(ids_ptr + pid_m) - expert_lo  # in the ids' dtype: an int64 id cannot wrap into range
-        expert = tl.where((local >= 0) & (local < num_experts), local, num_experts).to(tl.int32)
+        expert = _local_expert(tl.load(ids_ptr + pid_m), expert_lo, num_experts)
         row0 = pid_m
         end = pid_m + 1
     else:
@@ -278,8 +285,7 @@ def _combine_columns(
         divisor = total.to(weights_ptr.dtype.element_ty).to(tl.float32)
     acc = tl.zeros(cols.shape, dtype=tl.float32)
     for k in tl.static_range(TOP_K):
-        local = tl.load(ids_ptr + token * TOP_K + k) - expert_lo
-        live = (local >= 0) & (local < num_experts)
+        live = _local_expert(tl.load(ids_ptr + token * TOP_K + k), expert_lo, num_experts) < num_experts
         w = tl.load(w_row + k * stride_wk).to(tl.float32)
         if RENORM:
             w = tl.math.div_rn(w, divisor).to(weights_ptr.dtype.element_ty).to(tl.float32)
@@ -385,10 +391,9 @@ def fused_down_kernel(
 
 @triton.jit
 def _group_of(ids_ptr, pair, valid, ids_row_stride, ids_col_stride, expert_lo, experts, K: tl.constexpr):
-    """Each pair's group: its local expert, or ``experts`` (dead) outside [expert_lo, expert_lo + experts)."""
+    """Each pair's group: its local expert, or ``experts`` (dead)."""
     ids = tl.load(ids_ptr + (pair // K) * ids_row_stride + (pair % K) * ids_col_stride, mask=valid, other=0)
-    local = ids - expert_lo  # in ids' dtype: an int64 id far outside the range cannot wrap into it
-    return tl.where((local >= 0) & (local < experts), local, experts).to(tl.int32)
+    return _local_expert(ids, expert_lo, experts)
 
 
 @triton.jit
