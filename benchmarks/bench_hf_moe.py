@@ -1,7 +1,7 @@
 """transformers' own MoE blocks, unmodified, at their real sizes: eager, stock torch.compile and inductor_moe.
 
     python benchmarks/bench_hf_moe.py [--models qwen3,mixtral] [--impls grouped_mm,batched_mm]
-        [--tokens 1,16,256,2048] [--autotune all|16,256]
+        [--tokens 1,16,256,2048] [--autotune all|16,256] [--profile]
 
 Blocks: ``Qwen3MoeSparseMoeBlock`` (Qwen3-30B-A3B: hidden 2048, 128 experts, top-8, intermediate 768, top-k
 renormalised) and ``MixtralSparseMoeBlock`` (Mixtral-8x7B: hidden 4096, 8 experts, top-2, intermediate 14336),
@@ -17,7 +17,8 @@ block from hidden states to output, router included:
   family (what the router costs stock).
 
 Four inputs per CUDA graph (the replay cycles through them), so each call routes differently and streams its
-experts' weights from HBM. Each compile is checked to give eager's output within bf16 rounding.
+experts' weights from HBM. Each compile is checked to give eager's output within bf16 rounding. ``--profile``:
+each block under inductor and inductor_moe kernel by kernel instead (profile_moe_block.py's profiler).
 """
 
 from __future__ import annotations
@@ -162,6 +163,31 @@ def without_route(compiled):
     return call
 
 
+def profile(args):
+    """Each block under inductor and inductor_moe kernel by kernel: each kernel's median µs in a CUDA graph
+    cycling through the inputs, the gap before it, and the span of a call (where the block's time goes beside
+    the experts')."""
+    from profile_moe_block import profile as profile_graph
+
+    for model, impl in itertools.product(args.models.split(","), args.impls.split(",")):
+        module, cfg = block(model, impl)
+        for tokens in map(int, args.tokens.split(",")):
+            xs = [torch.randn(1, tokens, cfg.hidden_size, device="cuda", dtype=torch.bfloat16) for _ in range(INPUTS)]
+            torch._dynamo.reset()
+            for name, backend in (("inductor", "inductor"), ("inductor_moe", "inductor_moe")):
+                fn = torch.compile(module, backend=backend, dynamic=False)
+                step = itertools.count()
+                with torch.no_grad():
+                    for x in xs:
+                        fn(x)
+                    rows, span = profile_graph(lambda fn=fn: fn(xs[next(step) % len(xs)]))
+                print(f"\n{model} {impl} T={tokens} {name}: {span:.1f} us a call; kernel µs, gap before it")
+                for kernel, us, gap in rows:
+                    print(f"  {kernel[:70]:<70} {us:8.1f} {gap:6.1f}")
+        del module
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="qwen3,mixtral")
@@ -170,8 +196,12 @@ def main():
     parser.add_argument(
         "--autotune", default="", help="'all' or the T (comma-separated) at which to also time stock max-autotune"
     )
+    parser.add_argument("--profile", action="store_true", help="each block kernel by kernel instead")
     args = timing.cli(parser)
     timing.header()
+    if args.profile:
+        profile(args)
+        return
     bench(args, *floor_rates())
 
 
