@@ -15,7 +15,9 @@ first E/8; every other pair dead). Columns, each from routed ids and weights to 
   ``mode="max-autotune-no-cudagraphs"`` (Inductor's Triton grouped-GEMM template), at every T or those listed
   (its compiles take minutes a point);
 - grouped runner: ``expert_sort`` + ``F.grouped_mm`` + our filtered activation + ``F.grouped_mm`` + our combine;
-- fused_experts: the op (``expert_sort``, the two Triton GEMMs, the combine).
+- fused_experts: the op (``expert_sort``, the two Triton GEMMs, the combine);
+- cuBLAS bmm, even rows: what the GEMMs alone cost the GEMM library at this point, a bound (not a way to run a
+  layer: :func:`even_bmm`).
 
 Four routings per CUDA graph (the replay cycles through them), so every call streams its experts' weights from
 HBM rather than L2. ``--tune`` times candidate tiles of each GEMM alone at every point, then the op end to end
@@ -111,6 +113,29 @@ def layer(shape, local_share):
     return hidden, experts, top_k, inter, local, w13, w2
 
 
+def even_bmm(routes, local, hidden, inter, w13, w2):
+    """Per routing, cuBLAS's two batched GEMMs over as many experts as it routes to (a contiguous slice of the
+    weights, another for each routing while they last, so they come from HBM) with its live pairs split evenly
+    among them: the GEMMs without the gather, the activation, the combine or an uneven split, each expert's
+    weights read once. What fused_experts is measured against where the floor is out of reach."""
+    fns = []
+    start = 0
+    for _, ids in routes:
+        live = live_ids(ids, 0, local)
+        experts = live.unique().numel()
+        if experts == 0:
+            fns.append(lambda: None)
+            continue
+        rows = -(-live.numel() // experts)
+        start = start if start + experts <= local else 0
+        up_w, down_w = (w[start : start + experts].transpose(1, 2) for w in (w13, w2))
+        start += experts
+        x = torch.randn(experts, rows, hidden, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(experts, rows, inter, device="cuda", dtype=torch.bfloat16)
+        fns.append(lambda x=x, a=a, u=up_w, d=down_w: (torch.bmm(x, u), torch.bmm(a, d)))
+    return fns
+
+
 def calls(fn, xs, routes, *args):
     return [lambda x=x, w=w, ids=ids: fn(x, w, ids, *args) for x, (w, ids) in zip(xs, routes)]
 
@@ -119,7 +144,8 @@ def bench(args, copy_gbs, tflops):
     rows = []
     token_list = list(map(int, args.tokens.split(",")))
     autotune_at = set(token_list) if args.autotune == "all" else {int(t) for t in args.autotune.split(",") if t}
-    names = ["inductor", "grouped runner", "fused_experts"] + (["inductor max-autotune"] if autotune_at else [])
+    names = ["inductor", "grouped runner", "fused_experts", "cuBLAS bmm, even rows"]
+    names += ["inductor max-autotune"] if autotune_at else []
     for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
         hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
         for tokens in token_list:
@@ -140,10 +166,9 @@ def bench(args, copy_gbs, tflops):
             want = grouped_experts(xs[0], *routes[0], w13, w2, 0).float()
             got = variants["fused_experts"](xs[0], *routes[0], w13, w2, 0).float()
             err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            times = timing.interleaved_us(
-                {name: calls(fn, xs, routes, w13, w2, 0) for name, fn in variants.items()},
-                lambda fns: timing.graph_us(fns),
-            )
+            timed = {name: calls(fn, xs, routes, w13, w2, 0) for name, fn in variants.items()}
+            timed["cuBLAS bmm, even rows"] = even_bmm(routes, local, hidden, inter, w13, w2)
+            times = timing.interleaved_us(timed, lambda fns: timing.graph_us(fns))
             floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
             # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
             cols = [_cell(times.get(n), floor) for n in names]
@@ -155,15 +180,23 @@ def bench(args, copy_gbs, tflops):
                     f"{floor:.1f}",
                     *cols,
                     f"**{times['fused_experts'] / times['inductor']:.2f}**",
+                    _ratio(times["fused_experts"], times["cuBLAS bmm, even rows"]),
                     f"{err:.1e}",
                 ]
             )
             print(rows[-1], flush=True)
     timing.table(
         "Routed experts, bf16, µs per call in a CUDA graph of 4 routings (x the floor)",
-        ["shape", "local experts", "T", "floor", *names, "fused_experts / inductor", "max rel. diff to eager"],
+        [
+            *("shape", "local experts", "T", "floor", *names),
+            *("fused_experts / inductor", "fused_experts / bmm", "max rel. diff to eager"),
+        ],
         rows,
     )
+
+
+def _ratio(us, bound) -> str:
+    return f"{us / bound:.2f}" if bound > 0.1 else "-"  # no routing with a live pair: nothing to bound
 
 
 def _cell(us, floor) -> str:
@@ -193,6 +226,10 @@ _DECODE = [
     (16, 16, 256, 1, 4, 3),
     (16, 16, 512, 1, 4, 3),
 ]
+_DECODE_TMA = [(16, 32, 128, 1, 4, 4), (16, 32, 256, 1, 4, 3), (16, 64, 128, 1, 4, 4)]
+# tens of rows an expert (1/8 of Qwen3's experts local at T=256: ~16): one row block an expert, narrow columns for
+# programs enough to fill the SMs (16 experts x 768 / 64 = 192 up programs, 1.45 waves on 132 SMs)
+_FEW_ROWS = [(32, 64, 128, 1, 4, 3), (32, 32, 128, 1, 4, 4), (64, 32, 128, 1, 4, 3), (32, 32, 256, 1, 4, 3)]
 _WIDE = [(64, 128, 64, 8, 4, 4), (64, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 4)]
 TILES = {
     "up": _tiles(
@@ -200,26 +237,28 @@ TILES = {
             *_DECODE,
             *_WIDE,
             (16, 128, 128, 1, 4, 3),
-            (32, 64, 128, 1, 4, 3),
+            *_FEW_ROWS,
             (64, 64, 64, 4, 4, 3),
             (128, 64, 64, 8, 4, 4),
         ],
-        tma=[(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 3), *_WIDE],
+        tma=[*_DECODE_TMA, *_WIDE, *_FEW_ROWS],
     ),
     "down": _tiles(
         [
             *_DECODE,
             *_WIDE,
-            (32, 64, 128, 1, 4, 3),
+            *_FEW_ROWS,
             (64, 64, 64, 4, 4, 3),
             (128, 256, 64, 8, 8, 3),
         ],
-        tma=[(16, 64, 128, 1, 4, 4), (32, 64, 128, 1, 4, 3), *_WIDE, (128, 256, 64, 8, 8, 3)],
+        tma=[*_DECODE_TMA, *_WIDE, (128, 256, 64, 8, 8, 3)],
     ),
 }
 
 
-PAIRS_MAX = 64  # routed pairs up to which --tune also times the pair-order paths (past it, experts repeat across pairs)
+# live pairs (a routing's mean) up to which --tune also times the pair-order paths (past it, experts repeat across
+# pairs; with 1/8 of the experts local, T=16 has 16 of its 128 pairs live)
+PAIRS_MAX = 64
 
 
 def tune(args):
@@ -235,13 +274,14 @@ def tune(args):
             xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
             sorts = [im.expert_sort(ids, (0, local)) for _, ids in routes]
             n = tokens * top_k
+            live = sum(live_ids(ids, 0, local).numel() for _, ids in routes) / len(routes)
             a = torch.empty(n, inter, device="cuda", dtype=torch.bfloat16)
             y = torch.empty(n, hidden, device="cuda", dtype=torch.bfloat16)
             best = {}
             for which in ("up", "down"):
                 timed = {}
                 for tile in TILES[which]:
-                    if n <= PAIRS_MAX and tile.block_m > 16:  # decode: a pair's row is a block of its own
+                    if live <= PAIRS_MAX and tile.block_m > 16:  # decode: a pair's row is a block of its own
                         continue
                     if which == "up":
                         fns = [
@@ -262,7 +302,7 @@ def tune(args):
                 "triton": kernel.Config(best["up"], best["down"]),
                 "grouped_mm": kernel.Config(best["up"], best["down"], "grouped_mm"),
             }
-            if n <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel (and the combine's)
+            if live <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel (and the combine's)
                 for path in ("pairs", "pairs_combine"):
                     paths[path] = kernel.Config(best["up"], best["down"], path)
             end_to_end = {}
