@@ -171,6 +171,37 @@ def compile_rewrite(fn, *args, **compile_kwargs):
     return out, collected
 
 
+class OnlineSoftmax:
+    """Inductor's post-grad rewrite of a softmax's max and sum into one ``prepare_softmax_online`` (its own
+    pattern and replacement), which Inductor applies only where its Triton backend runs (CUDA): a CPU compile
+    under :meth:`patched` sees the graph a CUDA one does. ``applied`` counts the softmaxes it rewrote."""
+
+    def __init__(self):
+        from torch._inductor.fx_passes import post_grad
+        from torch._inductor.pattern_matcher import PatternMatcherPass, fwd_only, register_replacement
+
+        self.patterns = PatternMatcherPass()
+        register_replacement(
+            post_grad.prepare_softmax_pattern,
+            post_grad.prepare_softmax_replacement,
+            [torch.empty(4, 8)],
+            scalar_workaround=dict(dim=-1),
+            trace_fn=fwd_only,
+            pass_dicts=self.patterns,
+        )
+        self.applied = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.applied += self.patterns.apply(graph)
+
+    def uuid(self) -> str:
+        return "tests.helpers.OnlineSoftmax"
+
+    def patched(self):
+        """Inductor's config with this as the post-grad pre-pass (before inductor_moe's post pass)."""
+        return torch._inductor.config.patch(post_grad_custom_pre_pass=self)
+
+
 def families(report) -> list[str]:
     """The families rewritten, in order (one entry per rewrite)."""
     return [r.family for r in report.rewrites]

@@ -11,7 +11,7 @@ import torch
 
 from inductor_moe.testing import grouped_sigmoid_router, softmax_router
 
-from helpers import compile_rewrite, families
+from helpers import OnlineSoftmax, compile_rewrite, families
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.cohere2_moe.modeling_cohere2_moe import Cohere2MoeTopKRouter  # noqa: E402
@@ -133,6 +133,30 @@ def test_transformers_router_becomes_one_route(name):
     assert "aten.mm(" in graph  # the router's GEMM stays stock
     rank = logits if sorted_ids else sigmoid_rank(router, logits)
     assert_same_choice((w, ids), (want_w, want_ids), rank, sorted_ids)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "mixtral", "gpt_oss"])
+def test_online_softmax_routers(name):
+    """On CUDA, Inductor's own post-grad patterns turn a softmax's amax and sum into one prepare_softmax_online
+    before this pass runs: the softmax routers are matched in that form too."""
+    if name in ROUTERS:
+        router, outputs = ROUTERS[name][0](), lambda out: out
+    else:
+        make, outputs = TOPK_SOFTMAX[name]
+        router = _init(make())
+    online = OnlineSoftmax()
+    x = torch.randn(37, HIDDEN, dtype=torch.bfloat16)
+    with torch.no_grad(), online.patched():
+        got, report = compile_rewrite(router, x)
+        want = router(x)
+    assert online.applied == 1
+    assert families(report) == ["route"], report
+    graph = report.graphs[-1]
+    for gone in ("topk", "prepare_softmax_online", "exp", "aten.div"):
+        assert gone not in graph, graph
+    (logits, w, ids), (want_logits, want_w, want_ids) = outputs(got), outputs(want)
+    assert torch.equal(logits, want_logits)
+    assert_same_choice((w, ids), (want_w, want_ids), logits, sorted_ids=name in ROUTERS)
 
 
 # routers that take the k largest logits, then the softmax of those k: (router, its outputs as (logits, w, ids))

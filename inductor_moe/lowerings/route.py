@@ -5,7 +5,8 @@ proves its ids non-negative from that very ``topk``). Spellings (:data:`SPELLING
 
 - softmax (transformers' Qwen3-MoE and Mixtral routers, the runner's ``moe.route``)::
 
-      probs = div(exp(z - amax(z)), sum(exp(z - amax(z))))   # z = logits.float(), or fp32 logits
+      probs = div(exp(z - amax(z)), sum(exp(z - amax(z))))   # z = logits.float(), or fp32 logits; on CUDA
+                                                              # amax and sum are one prepare_softmax_online
       w, ids = topk(probs, K)                                 # over the experts, largest first
       w = w / w.sum(-1, keepdim=True)                         # optional (also ``/=``), then the tail
 
@@ -154,15 +155,30 @@ def _softmax_of(probs):
     if not is_call(probs, aten.div.Tensor):
         return None
     exp, total = probs.args
-    if not (is_call(exp, aten.exp.default) and is_call(total, aten.sum.dim_IntList) and total.args[0] is exp):
+    if not (is_call(exp, aten.exp.default) and is_call(exp.args[0], aten.sub.Tensor)):
         return None
-    shifted = exp.args[0]
-    if not (is_call(shifted, aten.sub.Tensor) and is_call(shifted.args[1], aten.amax.default)):
-        return None
-    z, top = shifted.args
-    if top.args[0] is not z or not all(_last_dim(z, d) for d in (*_dims(top.args[1]), *_dims(total.args[1]))):
+    z, top = exp.args[0].args
+    if is_call(top, aten.amax.default) and is_call(total, aten.sum.dim_IntList) and total.args[0] is exp:
+        inputs, dims = (top.args[0],), (*_dims(top.args[1]), *_dims(total.args[1]))
+    else:  # Inductor's online form (on CUDA): the max and the sum of exp(z - max) from one prepare_softmax_online
+        stats = _online_stats(top, 0)
+        if stats is None or _online_stats(total, 1) is not stats:
+            return None
+        inputs, dims = (stats.args[0],), _dims(stats.args[1])
+    if inputs != (z,) or not all(_last_dim(z, d) for d in dims):
         return None
     return z
+
+
+def _online_stats(node, index):
+    """The ``prepare_softmax_online(z, dim)`` whose output ``index`` (0: the max over dim, 1: the sum of
+    exp(z - max)) ``node`` is, or None. Inductor's post-grad patterns put it in place of a softmax's amax and
+    sum where its Triton backend runs (CUDA): what this pass sees there."""
+    if not (is_call(node, operator.getitem) and node.args[1] == index):
+        return None
+    stats = node.args[0]
+    online = getattr(prims, "prepare_softmax_online", None)  # registered by torch._inductor.inductor_prims
+    return stats if online is not None and is_call(stats, online.default) else None
 
 
 def _match_softmax(topk):
