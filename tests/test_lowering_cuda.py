@@ -104,6 +104,37 @@ def test_compiled_grouped_block_reads_through_the_sort(tokens, experts_family):
     torch.testing.assert_close(out, eager, rtol=2 * TOL[torch.bfloat16]["rtol"], atol=2e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_compiled_transformers_block_is_route_and_fused_experts(tokens):
+    # transformers' Qwen3-MoE block (tiny config): on CUDA Inductor's own patterns rewrite the router's softmax
+    # into prepare_softmax_online before this pass runs; the router must still become one route
+    transformers = pytest.importorskip("transformers")
+    from torch._inductor.utils import run_and_get_code
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3MoeConfig(
+        hidden_size=64, moe_intermediate_size=32, num_experts=16, num_experts_per_tok=4, norm_topk_prob=True
+    )
+    cfg._experts_implementation = "grouped_mm"
+    with torch.device("cuda"):
+        block = Qwen3MoeSparseMoeBlock(cfg).bfloat16().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    x = torch.randn(1, tokens, 64, device="cuda").bfloat16()
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(block, backend="inductor_moe"), x)
+        eager = block(x)
+    code = "\n".join(code)
+    assert "inductor_moe.route.default(" in code and "inductor_moe.fused_experts.default(" in code, code
+    assert "topk" not in code and "_grouped_mm" not in code, code
+    logits = block.gate(x.view(tokens, -1))[0].float()
+    untied = (logits.sort(-1).values.diff(dim=-1) != 0).all(-1)  # torch.topk's order among ties is its own
+    torch.testing.assert_close(out.view(tokens, -1)[untied], eager.view(tokens, -1)[untied], rtol=3e-2, atol=3e-2)
+
+
 @pytest.mark.parametrize("experts_family", [False, True])
 @pytest.mark.parametrize("tokens", [1, 37])
 def test_compiled_torchtitan_style_grouping_reads_in_place(tokens, experts_family):
