@@ -67,8 +67,8 @@ class Config:
     T=1 takes 16.0 us for a 3.9 us weight-read floor on the H100), the same with the combine in the down GEMM
     ("pairs_combine": the last of a token's K programs of a column block to finish sums their rows, one launch
     fewer), or torch's grouped GEMMs with our activation between them ("grouped_mm", where the table measured it
-    faster: compute-bound shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2878 us against
-    3435)."""
+    faster: compute-bound shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2830 us against
+    2879)."""
 
     up: Tile
     down: Tile
