@@ -259,6 +259,16 @@ TILES = {
 # live pairs (a routing's mean) up to which --tune also times the pair-order paths (past it, experts repeat across
 # pairs; with 1/8 of the experts local, T=16 has 16 of its 128 pairs live)
 PAIRS_MAX = 64
+# the "decode" path's tiles: its up GEMM's (block_n intermediate columns a program, as in _DECODE), and the hidden
+# columns a step of its down GEMM
+_DECODE_FUSED = [
+    ((16, 32, 128, 1, 4, 4), 64),
+    ((16, 32, 256, 1, 4, 3), 64),
+    ((16, 64, 128, 1, 4, 4), 64),
+    ((16, 32, 128, 1, 4, 4), 128),
+    ((16, 64, 128, 1, 4, 3), 128),
+    ((16, 16, 256, 1, 4, 3), 128),
+]
 
 
 def tune(args):
@@ -305,6 +315,10 @@ def tune(args):
             if live <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel (and the combine's)
                 for path in ("pairs", "pairs_combine"):
                     paths[path] = kernel.Config(best["up"], best["down"], path)
+                for row, block_h in _DECODE_FUSED:  # both GEMMs in one kernel: its own tiles
+                    for tma in (False, True):
+                        cfg = kernel.Config(kernel.Tile(*row, tma=tma), kernel.Tile(16, block_h, 64), "decode")
+                        paths[f"decode {row} {block_h}{' tma' if tma else ''}"] = cfg
             end_to_end = {}
             for label, cfg in paths.items():
                 fns = [
@@ -313,10 +327,10 @@ def tune(args):
                 ]
                 end_to_end[label] = timing.graph_us(fns)
                 print(f"  {label}: {end_to_end[label]:.1f} us", flush=True)
-            entry = {w: dataclasses.asdict(t) for w, t in best.items()}
-            fastest = min(kernel.PATHS, key=lambda path: end_to_end.get(path, float("inf")))
-            if fastest != "triton":
-                entry["path"] = fastest
+            fastest = paths[min((label for label in paths if label != "heuristic"), key=end_to_end.get)]
+            entry = {"up": dataclasses.asdict(fastest.up), "down": dataclasses.asdict(fastest.down)}
+            if fastest.path != "triton":
+                entry["path"] = fastest.path
             entries.setdefault(key, {})[str(kernel.token_bucket(tokens))] = entry
             kernel.CONFIGS.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")  # point by point
 
@@ -331,6 +345,7 @@ def kernel_bytes(routes, local, hidden, inter) -> dict[str, float]:
         out["fused_up_kernel"] += 2 * (experts * 2 * inter * hidden + pairs * (hidden + inter))
         out["fused_down_kernel"] += 2 * (experts * hidden * inter + pairs * (inter + hidden))
         out["combine"] += 2 * (pairs * hidden + ids.shape[0] * hidden)
+    out["fused_decode_kernel"] = out["fused_up_kernel"] + out["fused_down_kernel"]  # both GEMMs in one
     return {name: b / len(routes) for name, b in out.items()}
 
 

@@ -79,7 +79,9 @@ def main():
         torch.testing.assert_close(got.float(), ref.float(), rtol=3e-2, atol=3e-2)
         # rows in pair order (the decode path): every row block one pair, dead pairs' rows never touched; and
         # the combine in the down GEMM (arrival counts, the last program reading the other programs' rows)
-        for path in ("pairs", "pairs_combine"):
+        # and both GEMMs in one kernel (the down one split over the intermediate columns, partial rows summed
+        # by the combine)
+        for path in ("pairs", "pairs_combine", "decode"):
             got = run_kernels(
                 x, w13, w2.contiguous(), w, ids, "silu", lo, True, None, tiles=kernel.Config(tma.up, tma.down, path)
             )

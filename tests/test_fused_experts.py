@@ -301,7 +301,7 @@ def run_interpreter_cases() -> dict[str, str]:
             ref = reference.fused_experts_ref(x, w13, w2, w, ids, activation, rng[0], True, w3, zero_dead)
             # ids through a view with a stride (the flat ids the pair programs read are a copy then)
             strided = torch.stack([ids, torch.full_like(ids, -7)], -1)[..., 0]
-            for path in ("pairs", "pairs_combine"):
+            for path in ("pairs", "pairs_combine", "decode"):
                 pairs = kernel.Config(kernel.Tile(16, 16, 16), kernel.Tile(16, 16, 16, tma=True), path)
                 out = run_kernels(x, w13, w2, w, strided, activation, rng[0], True, w3, zero_dead, tiles=pairs)
                 assert_close_to_reference(out, ref, dtype)
@@ -349,12 +349,13 @@ def test_grouped_mm_path(device, filt):
 @pytest.mark.cuda
 @pytest.mark.parametrize("tokens", [1, 7, 37])
 @pytest.mark.parametrize("filt", ["-1 dead", "id >= E sentinel", "local range", "all dead", "none dead"])
-@pytest.mark.parametrize("path", ["pairs", "pairs_combine"])
+@pytest.mark.parametrize("path", ["pairs", "pairs_combine", "decode"])
 def test_pairs_path(tokens, filt, path):
     # rows in pair order without the grouping kernel (decode): the same results as the sorted rows' path, with
     # pairs of one expert from several tokens (T=37 over 6 experts) each reading the expert's weights; with the
     # combine in the down GEMM, a token's last program of a column block sums rows other programs stored, in
-    # k order: the same bits every call
+    # k order; with both GEMMs in one kernel, the down GEMM's partial rows summed in order: the same bits every
+    # call
     from inductor_moe.ops.fused_experts import run_kernels
 
     x, w13, w2, w, ids, rng, _ = layer(tokens, 64, 40, 6, 8, torch.bfloat16, "cuda", filt=filt)

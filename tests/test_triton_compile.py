@@ -120,6 +120,11 @@ def _launch_gemms(config: fe.Config, tokens: int, experts: int, inter: int, hidd
         weights = torch.empty(tokens, top_k, dtype=torch.bfloat16, device=META)
         counts = fe.combine_counts(tokens, hidden, config.down, META)
         combine = fe.Combine(weights, counts, torch.empty_like(x), True, False)
+    if config.path == "decode":
+        weights = torch.empty(tokens, top_k, dtype=torch.bfloat16, device=META)
+        ids, out = by_pair[0], torch.empty_like(x)
+        fe.decode(x, w13[:, :inter], w13[:, inter:], w2, ids, 0, weights, out, "silu", config, True, False)
+        return
     a = torch.empty(pairs, inter, dtype=dtype, device=META)
     fe.up(x, w13[:, :inter], w13[:, inter:], order, offs, a, "silu", top_k, config.up, by_pair, combine and counts)
     fe.down(a, w2, offs, torch.empty(pairs, hidden, dtype=dtype, device=META), config.down, by_pair, combine)
@@ -162,13 +167,19 @@ def test_heuristic_tiles(compiled, dtype):
     assert_fits(compiled, 6)
 
 
-@pytest.mark.parametrize("path", ["pairs", "pairs_combine"])
+@pytest.mark.parametrize("path", ["pairs", "pairs_combine", "decode"])
 def test_pairs_path(compiled, path):
-    """The GEMMs on rows in pair order (decode), with the Qwen3 shape's decode tiles, pointers and TMA boxes."""
+    """The GEMMs on rows in pair order (decode), with the Qwen3 shape's decode tiles, pointers and TMA boxes
+    (the "decode" path: its one GEMM kernel, then its combine)."""
     for tma in (False, True):
         tile = fe.Tile(16, 64, 128, 1, 4, 4, tma=tma)
         _launch_gemms(fe.Config(tile, tile, path), 1, 128, 768, 2048, 8, torch.bfloat16)
     assert_fits(compiled, 4)
+    if path == "decode":
+        names = [name for name, _ in compiled]
+        assert names == ["fused_decode_kernel", "decode_combine_kernel"] * 2, names
+        assert [_reads_tma(kernel) for _, kernel in compiled[::2]] == [False, compiled.arch >= 90]
+        return
     assert [_reads_tma(kernel) for _, kernel in compiled] == [False, False] + [compiled.arch >= 90] * 2
     if path == "pairs_combine":
         for name, kernel in compiled:

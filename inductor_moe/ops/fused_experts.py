@@ -102,7 +102,8 @@ def run_kernels(
     hidden, w13, w2, topk_weights, topk_ids, activation, expert_lo, renormalize, w3, zero_dead_rows=False, tiles=None
 ):
     """The CUDA sequence (also the interpreter's, on CPU tensors under TRITON_INTERPRET=1): group, up, down,
-    combine (the "pairs" path: up, down, combine; "pairs_combine": up, down with the combine). ``tiles``
+    combine (the "pairs" path: up, down, combine; "pairs_combine": up, down with the combine; "decode": both
+    GEMMs in one kernel, the down one split over the intermediate dimension, then the combine). ``tiles``
     overrides the config table (the benchmark's tuning)."""
     from ..kernels.triton import fused_experts as kernel
 
@@ -119,6 +120,13 @@ def run_kernels(
     if tiles.by_pair:  # rows in pair order, no grouping; the combine reads them token-major
         order = offs = src_rows = None
         pairs = (topk_ids.reshape(-1).contiguous(), expert_lo)  # a view may keep a stride (ids[:, ::2])
+        if tiles.path == "decode":
+            out = hidden.new_empty(hidden.shape)
+            kernel.decode(
+                hidden, gate, up, w2, pairs[0], expert_lo, topk_weights, out, activation, tiles, renormalize,
+                zero_dead_rows,
+            )  # fmt: skip
+            return out
         if tiles.path == "pairs_combine":
             counts = kernel.combine_counts(tokens, hidden_size, tiles.down, hidden.device)
             out = hidden.new_empty(hidden.shape)

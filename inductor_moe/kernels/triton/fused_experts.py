@@ -18,6 +18,9 @@ weights are.
   reads each pair's row once: the same bytes as weighting here, with one rounding fewer. On rows in pair order
   the combine can run in the down GEMM itself (``COMBINE``): each program counts its arrival on its token's
   column block, and the last of the K to arrive sums their rows as ``moe_combine`` does, one launch fewer.
+- ``decode`` (rows in pair order): both GEMMs in one kernel, each program the up GEMM of a block of
+  intermediate columns and the down GEMM of those columns alone, a partial row in fp32; the combine sums a
+  pair's partial rows in order, rounds the sum as the down GEMM rounds its rows, and weighs them.
 
 PDL on sm90+: ``gdc_wait`` before the first global read, ``launch_pdl=True``; the next kernel's own wait orders
 it, so no early trigger. fp32 inputs take IEEE-precision dots (correct, slower); 16-bit ones the tensor cores
@@ -66,9 +69,11 @@ class Config:
     for decode, where the chain of dependent launches is most of the time: with 1/8 of Qwen3's experts local,
     T=1 takes 16.0 us for a 3.9 us weight-read floor on the H100), the same with the combine in the down GEMM
     ("pairs_combine": the last of a token's K programs of a column block to finish sums their rows, one launch
-    fewer), or torch's grouped GEMMs with our activation between them ("grouped_mm", where the table measured it
-    faster: compute-bound shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2830 us against
-    2879)."""
+    fewer), both GEMMs in one kernel ("decode": :func:`decode`; ``up`` is its tile, ``down.block_n`` the hidden
+    columns a step of its down GEMM: on the H100 a read-only kernel takes 18.9 us for Qwen3's up weights at T=1
+    and another 11.3 for its down weights, together 1.21x their copy-rate floor of 24.9), or torch's grouped
+    GEMMs with our activation between them ("grouped_mm", where the table measured it faster: compute-bound
+    shapes, hundreds of rows an expert; H100, Mixtral-8x7B at T=2048: 2830 us against 2879)."""
 
     up: Tile
     down: Tile
@@ -77,10 +82,10 @@ class Config:
     @property
     def by_pair(self) -> bool:
         """Rows in pair order, no grouping kernel."""
-        return self.path in ("pairs", "pairs_combine")
+        return self.path in ("pairs", "pairs_combine", "decode")
 
 
-PATHS = ("triton", "pairs", "pairs_combine", "grouped_mm")
+PATHS = ("triton", "pairs", "pairs_combine", "decode", "grouped_mm")
 
 
 @triton.jit
@@ -221,6 +226,45 @@ def fused_up_kernel(
     else:
         tokens = (tl.load(order_ptr + rows, mask=row_ok, other=0) // top_k).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
+    a = _gated_rows(
+        hidden_ptr, gate_ptr, up_ptr, expert, tokens, row_ok, n0, hidden_size, inter, stride_xm, stride_xk,
+        stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk, ACT, IEEE, WEIGHT_TMA, BLOCK_M, BLOCK_N,
+        BLOCK_K,
+    ).to(out_ptr.dtype.element_ty)  # fmt: skip
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
+    tl.store(out_ptrs, a, mask=row_ok[:, None] & (cols < inter)[None, :])
+
+
+@triton.jit
+def _gated_rows(
+    hidden_ptr,
+    gate_ptr,
+    up_ptr,
+    expert,
+    tokens,
+    row_ok,
+    n0,
+    hidden_size,
+    inter,
+    stride_xm,
+    stride_xk,
+    stride_ge,
+    stride_gn,
+    stride_gk,
+    stride_ue,
+    stride_un,
+    stride_uk,
+    ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``act(x @ gate_e[n0:n0 + BLOCK_N].T) * (x @ up_e[n0:n0 + BLOCK_N].T)`` in fp32 for the hidden rows
+    ``tokens`` (where ``row_ok``): gate and up accumulated side by side over the hidden size; 0 in the rows and
+    columns past the live ones."""
+    cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = hidden_ptr + tokens[:, None] * stride_xm + ks[None, :] * stride_xk
@@ -249,15 +293,15 @@ def fused_up_kernel(
             acc_g = tl.dot(x, g, acc_g)
             acc_u = tl.dot(x, u, acc_u)
         x_ptrs += BLOCK_K * stride_xk
-    a = (_activation(acc_g, ACT) * acc_u).to(out_ptr.dtype.element_ty)
-    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
-    tl.store(out_ptrs, a, mask=row_ok[:, None] & col_ok[None, :])
+    return _activation(acc_g, ACT) * acc_u
 
 
 @triton.jit
 def _combine_columns(
     y_ptr,
     stride_ym,
+    splits,
+    stride_ys,
     weights_ptr,
     stride_wt,
     stride_wk,
@@ -272,9 +316,12 @@ def _combine_columns(
     TOP_K: tl.constexpr,
     RENORM: tl.constexpr,
     ZERO_DEAD: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """``out[token, cols]``: moe_combine's sum over k of token-major rows ``y``, in k order in fp32 (its
-    rounding: weights renormalised in their dtype by their fp32 sum, dead pairs not read, or adding w * 0)."""
+    rounding: weights renormalised in their dtype by their fp32 sum, dead pairs not read, or adding w * 0).
+    With ``SPLIT`` each row is the fp32 sum of ``splits`` partial rows (``y`` + s * ``stride_ys``), in order,
+    rounded to the output dtype: a pair's row as the down GEMM would round it."""
     token = token.to(tl.int64)
     w_row = weights_ptr + token * stride_wt
     divisor = 1.0
@@ -291,7 +338,14 @@ def _combine_columns(
             w = tl.math.div_rn(w, divisor).to(weights_ptr.dtype.element_ty).to(tl.float32)
         # L2, not L1: the rows were stored by other programs (ordered before this one by the arrival count)
         read = tl.where(live, col_ok, False)  # (col_ok & live: ints, not a mask, in the interpreter)
-        row = tl.load(y_ptr + (token * TOP_K + k) * stride_ym + cols, mask=read, other=0.0, cache_modifier=".cg")
+        row_ptrs = y_ptr + (token * TOP_K + k) * stride_ym + cols
+        if SPLIT:
+            row = tl.zeros(cols.shape, dtype=tl.float32)
+            for s in range(splits):
+                row += tl.load(row_ptrs + s * stride_ys, mask=read, other=0.0, cache_modifier=".cg")
+            row = row.to(out_ptr.dtype.element_ty)
+        else:
+            row = tl.load(row_ptrs, mask=read, other=0.0, cache_modifier=".cg")
         if ZERO_DEAD:
             acc += tl.where(live, row.to(tl.float32) * w, w * 0.0)
         else:
@@ -380,9 +434,125 @@ def fused_down_kernel(
         tl.debug_barrier()
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == TOP_K - 1:
             _combine_columns(
-                out_ptr, stride_om, weights_ptr, stride_wt, stride_wtk, ids_ptr, expert_lo, num_experts,
-                combined_ptr, stride_cm, token, cols, col_ok, TOP_K, RENORM, ZERO_DEAD,
+                out_ptr, stride_om, 1, 0, weights_ptr, stride_wt, stride_wtk, ids_ptr, expert_lo, num_experts,
+                combined_ptr, stride_cm, token, cols, col_ok, TOP_K, RENORM, ZERO_DEAD, False,
             )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Decode: both GEMMs in one kernel
+
+
+@triton.jit
+def fused_decode_kernel(
+    hidden_ptr,
+    gate_ptr,
+    up_ptr,
+    w2_ptr,
+    ids_ptr,
+    expert_lo,
+    partial_ptr,
+    hidden_size,
+    inter,
+    num_experts,
+    top_k,
+    stride_xm,
+    stride_xk,
+    stride_ge,
+    stride_gn,
+    stride_gk,
+    stride_ue,
+    stride_un,
+    stride_uk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_ps,
+    stride_pm,
+    ACT: tl.constexpr,
+    IEEE: tl.constexpr,
+    WEIGHT_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
+):
+    """Program (pair, s): the pair's activation over the intermediate columns [s * BLOCK_N, (s + 1) * BLOCK_N),
+    rounded to the input dtype (``_gated_rows``), times those columns of its expert's down projection:
+    ``partial[s, pair] = a[pair, cols] @ w2_e[:, cols].T`` in fp32, the down GEMM split over the intermediate
+    dimension. Every program streams its up and down weights in one go, so the whole layer's weights are one
+    grid's read (a down GEMM of its own starts reading only once the up GEMM's last program is done). Rows in
+    pair order, one a program (16-row tiles, the rest masked); a dead pair's programs return at once."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+    splits = tl.cdiv(inter, BLOCK_N)
+    pair = tl.program_id(0) // splits
+    n0 = (tl.program_id(0) % splits) * BLOCK_N
+    expert = _local_expert(tl.load(ids_ptr + pair), expert_lo, num_experts)
+    if expert >= num_experts:
+        return
+    rows = tl.arange(0, 16)
+    row_ok = rows < 1
+    tokens = tl.zeros((16,), dtype=tl.int64) + pair // top_k
+    a = _gated_rows(
+        hidden_ptr, gate_ptr, up_ptr, expert, tokens, row_ok, n0, hidden_size, inter, stride_xm, stride_xk,
+        stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk, ACT, IEEE, WEIGHT_TMA, 16, BLOCK_N,
+        BLOCK_K,
+    ).to(hidden_ptr.dtype.element_ty)  # fmt: skip
+    cols = n0 + tl.arange(0, BLOCK_N)
+    hs = tl.arange(0, BLOCK_H)
+    if not WEIGHT_TMA:
+        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + hs[None, :] * stride_wn + cols[:, None] * stride_wk
+    out_ptrs = partial_ptr + (n0 // BLOCK_N) * stride_ps + pair.to(tl.int64) * stride_pm + rows[:, None] * 0
+    out_ptrs += hs[None, :]
+    for h0 in range(0, hidden_size, BLOCK_H):
+        h_ok = hs < hidden_size - h0
+        if WEIGHT_TMA:  # [1, BLOCK_H, BLOCK_N] boxes, zero past the hidden size and the intermediate columns
+            w = w2_ptr.load([expert, h0, n0]).reshape(BLOCK_H, BLOCK_N).T
+        else:
+            w = tl.load(w_ptrs, mask=(cols < inter)[:, None] & h_ok[None, :], other=0.0)
+            w_ptrs += BLOCK_H * stride_wn
+        if IEEE:
+            part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            part = tl.dot(a, w)
+        tl.store(out_ptrs, part, mask=row_ok[:, None] & h_ok[None, :])
+        out_ptrs += BLOCK_H
+
+
+@triton.jit
+def decode_combine_kernel(
+    partial_ptr,
+    splits,
+    stride_ps,
+    stride_pm,
+    weights_ptr,
+    stride_wt,
+    stride_wk,
+    ids_ptr,
+    expert_lo,
+    num_experts,
+    out_ptr,
+    stride_om,
+    hidden_size,
+    TOP_K: tl.constexpr,
+    RENORM: tl.constexpr,
+    ZERO_DEAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    """Program (token, column block): each live pair's row, the sum of its ``splits`` partial rows in order,
+    rounded to the output dtype, then moe_combine's weighted sum over k (``_combine_columns``)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    _combine_columns(
+        partial_ptr, stride_pm, splits, stride_ps, weights_ptr, stride_wt, stride_wk, ids_ptr, expert_lo,
+        num_experts, out_ptr, stride_om, tl.program_id(0), cols, cols < hidden_size, TOP_K, RENORM, ZERO_DEAD, True,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -652,6 +822,78 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
             EARLY_TRIGGER=EARLY_TRIGGER,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
+            **launch.pdl_options(pdl),
+        )
+
+
+DECODE_COMBINE_COLUMNS = 128  # the decode combine's column block (T=1, H=2048: 16 programs)
+
+
+def decode(
+    hidden, gate, up_w, w2, ids, expert_lo, weights, out, activation, config: Config, renormalize, zero_dead_rows
+) -> None:
+    """The "decode" path into ``out``: ``fused_decode_kernel`` (both GEMMs, the down one split over the
+    intermediate dimension; ``config.up``: its tile, ``block_n`` intermediate columns a program, ``block_k`` of
+    the hidden size a step of the up GEMM; ``config.down.block_n``: hidden columns a step of the down GEMM), then
+    ``decode_combine_kernel``. ids: the flat ids [pairs], contiguous."""
+    tokens, hidden_size = hidden.shape
+    experts, inter, _ = gate.shape
+    pairs = ids.numel()
+    tile, block_h = config.up, config.down.block_n
+    splits = triton.cdiv(inter, tile.block_n)
+    partial = torch.empty(splits, pairs, hidden_size, dtype=torch.float32, device=hidden.device)
+    pdl = launch.pdl(hidden.device)
+    descs = (None,) * 3
+    if tile.tma:
+        up_box, down_box = [1, tile.block_n, tile.block_k], [1, block_h, tile.block_n]
+        descs = (_descriptor(gate, up_box), _descriptor(up_w, up_box), _descriptor(w2, down_box))
+    tma = None not in descs
+    with launch.on(hidden.device):
+        fused_decode_kernel[(pairs * splits,)](
+            hidden,
+            *(descs if tma else (gate, up_w, w2)),
+            ids,
+            expert_lo,
+            partial,
+            hidden_size,
+            inter,
+            experts,
+            ids.numel() // tokens,
+            *hidden.stride(),
+            *gate.stride(),
+            *up_w.stride(),
+            *w2.stride(),
+            *partial.stride()[:2],
+            ACT=ACTIVATION_CODES[activation],
+            IEEE=_ieee(hidden),
+            WEIGHT_TMA=tma,
+            BLOCK_N=tile.block_n,
+            BLOCK_K=tile.block_k,
+            BLOCK_H=block_h,
+            USE_PDL=pdl,
+            EARLY_TRIGGER=EARLY_TRIGGER,
+            num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
+            **launch.pdl_options(pdl),
+        )
+        decode_combine_kernel[(tokens, triton.cdiv(hidden_size, DECODE_COMBINE_COLUMNS))](
+            partial,
+            splits,
+            *partial.stride()[:2],
+            weights,
+            *weights.stride(),
+            ids,
+            expert_lo,
+            experts,
+            out,
+            out.stride(0),
+            hidden_size,
+            TOP_K=weights.shape[1],
+            RENORM=renormalize,
+            ZERO_DEAD=zero_dead_rows,
+            BLOCK_H=DECODE_COMBINE_COLUMNS,
+            USE_PDL=pdl,
+            num_warps=4,
             **launch.pdl_options(pdl),
         )
 
