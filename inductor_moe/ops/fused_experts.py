@@ -116,6 +116,8 @@ def run_kernels(
         return hidden.new_zeros(hidden.shape)
     local = (expert_lo, expert_lo + experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
+    if tiles.path == "decode" and tokens * top_k > kernel.DECODE_MAX_PAIRS:
+        tiles = kernel.heuristic_config(tokens, experts, top_k, hidden.dtype)
     combine = None
     if tiles.by_pair:  # rows in pair order, no grouping; the combine reads them token-major
         order = offs = src_rows = None

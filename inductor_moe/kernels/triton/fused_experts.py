@@ -450,6 +450,7 @@ def fused_decode_kernel(
     up_ptr,
     w2_ptr,
     ids_ptr,
+    pairs,
     expert_lo,
     partial_ptr,
     hidden_size,
@@ -472,55 +473,69 @@ def fused_decode_kernel(
     ACT: tl.constexpr,
     IEEE: tl.constexpr,
     WEIGHT_TMA: tl.constexpr,
+    PAIRS_POW2: tl.constexpr,
+    BINS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
 ):
-    """Program (pair, s): the pair's activation over the intermediate columns [s * BLOCK_N, (s + 1) * BLOCK_N),
-    rounded to the input dtype (``_gated_rows``), times those columns of its expert's down projection:
-    ``partial[s, pair] = a[pair, cols] @ w2_e[:, cols].T`` in fp32, the down GEMM split over the intermediate
-    dimension. Every program streams its up and down weights in one go, so the whole layer's weights are one
-    grid's read (a down GEMM of its own starts reading only once the up GEMM's last program is done). Rows in
-    pair order, one a program (16-row tiles, the rest masked); a dead pair's programs return at once."""
+    """Program (slot, s): the slot-th of the live local experts (by id), and its pairs (found among all the
+    flat ids, which a few tokens' worth a program reads: no grouping kernel), BLOCK_M at a time: their
+    activations over the intermediate columns [s * BLOCK_N, (s + 1) * BLOCK_N), rounded to the input dtype
+    (``_gated_rows``), times those columns of the expert's down projection: ``partial[s, pair] = a[pair, cols] @
+    w2_e[:, cols].T`` in fp32, the down GEMM split over the intermediate dimension. Every program streams its up
+    and down weights in one go, so the layer's weights are one grid's read (a down GEMM of its own starts
+    reading only once the up GEMM's last program is done), each expert's once (BLOCK_M at least the most pairs
+    an expert has). A slot past the live experts returns at once."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         if EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
     splits = tl.cdiv(inter, BLOCK_N)
-    pair = tl.program_id(0) // splits
+    slot = tl.program_id(0) // splits
     n0 = (tl.program_id(0) % splits) * BLOCK_N
-    expert = _local_expert(tl.load(ids_ptr + pair), expert_lo, num_experts)
-    if expert >= num_experts:
+    p = tl.arange(0, PAIRS_POW2)
+    local = _local_expert(tl.load(ids_ptr + p, mask=p < pairs, other=0), expert_lo, num_experts)
+    local = tl.where(p < pairs, local, num_experts)  # the padding with the dead pairs
+    e = tl.arange(0, BINS)
+    present = (tl.histogram(local, BINS) > 0) & (e < num_experts)
+    if slot >= tl.sum(present.to(tl.int32), 0):
         return
-    rows = tl.arange(0, 16)
-    row_ok = rows < 1
-    tokens = tl.zeros((16,), dtype=tl.int64) + pair // top_k
-    a = _gated_rows(
-        hidden_ptr, gate_ptr, up_ptr, expert, tokens, row_ok, n0, hidden_size, inter, stride_xm, stride_xk,
-        stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk, ACT, IEEE, WEIGHT_TMA, 16, BLOCK_N,
-        BLOCK_K,
-    ).to(hidden_ptr.dtype.element_ty)  # fmt: skip
+    rank = tl.cumsum(present.to(tl.int32), 0) - 1
+    expert = tl.sum(tl.where(present & (rank == slot), e, 0), 0)
+    mine = local == expert
+    position = tl.cumsum(mine.to(tl.int32), 0) - 1
+    count = tl.sum(mine.to(tl.int32), 0)
     cols = n0 + tl.arange(0, BLOCK_N)
     hs = tl.arange(0, BLOCK_H)
-    if not WEIGHT_TMA:
-        w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + hs[None, :] * stride_wn + cols[:, None] * stride_wk
-    out_ptrs = partial_ptr + (n0 // BLOCK_N) * stride_ps + pair.to(tl.int64) * stride_pm + rows[:, None] * 0
-    out_ptrs += hs[None, :]
-    for h0 in range(0, hidden_size, BLOCK_H):
-        h_ok = hs < hidden_size - h0
-        if WEIGHT_TMA:  # [1, BLOCK_H, BLOCK_N] boxes, zero past the hidden size and the intermediate columns
-            w = w2_ptr.load([expert, h0, n0]).reshape(BLOCK_H, BLOCK_N).T
-        else:
-            w = tl.load(w_ptrs, mask=(cols < inter)[:, None] & h_ok[None, :], other=0.0)
-            w_ptrs += BLOCK_H * stride_wn
-        if IEEE:
-            part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            part = tl.dot(a, w)
-        tl.store(out_ptrs, part, mask=row_ok[:, None] & h_ok[None, :])
-        out_ptrs += BLOCK_H
+    for m0 in range(0, count, BLOCK_M):
+        i = m0 + tl.arange(0, BLOCK_M)
+        row_ok = i < count
+        rows = tl.sum(tl.where(mine[None, :] & (position[None, :] == i[:, None]), p[None, :], 0), 1)
+        a = _gated_rows(
+            hidden_ptr, gate_ptr, up_ptr, expert, (rows // top_k).to(tl.int64), row_ok, n0, hidden_size, inter,
+            stride_xm, stride_xk, stride_ge, stride_gn, stride_gk, stride_ue, stride_un, stride_uk, ACT, IEEE,
+            WEIGHT_TMA, BLOCK_M, BLOCK_N, BLOCK_K,
+        ).to(hidden_ptr.dtype.element_ty)  # fmt: skip
+        if not WEIGHT_TMA:
+            w_ptrs = w2_ptr + expert.to(tl.int64) * stride_we + hs[None, :] * stride_wn + cols[:, None] * stride_wk
+        out_ptrs = partial_ptr + (n0 // BLOCK_N) * stride_ps + rows[:, None].to(tl.int64) * stride_pm + hs[None, :]
+        for h0 in range(0, hidden_size, BLOCK_H):
+            h_ok = hs < hidden_size - h0
+            if WEIGHT_TMA:  # [1, BLOCK_H, BLOCK_N] boxes, zero past the hidden size and the intermediate columns
+                w = w2_ptr.load([expert, h0, n0]).reshape(BLOCK_H, BLOCK_N).T
+            else:
+                w = tl.load(w_ptrs, mask=(cols < inter)[:, None] & h_ok[None, :], other=0.0)
+                w_ptrs += BLOCK_H * stride_wn
+            if IEEE:
+                part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                part = tl.dot(a, w)
+            tl.store(out_ptrs, part, mask=row_ok[:, None] & h_ok[None, :])
+            out_ptrs += BLOCK_H
 
 
 @triton.jit
@@ -827,20 +842,23 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
 
 
 DECODE_COMBINE_COLUMNS = 128  # the decode combine's column block (T=1, H=2048: 16 programs)
+DECODE_MAX_PAIRS = 256  # the decode kernel's programs each read every pair's id
 
 
 def decode(
     hidden, gate, up_w, w2, ids, expert_lo, weights, out, activation, config: Config, renormalize, zero_dead_rows
 ) -> None:
-    """The "decode" path into ``out``: ``fused_decode_kernel`` (both GEMMs, the down one split over the
-    intermediate dimension; ``config.up``: its tile, ``block_n`` intermediate columns a program, ``block_k`` of
-    the hidden size a step of the up GEMM; ``config.down.block_n``: hidden columns a step of the down GEMM), then
-    ``decode_combine_kernel``. ids: the flat ids [pairs], contiguous."""
+    """The "decode" path into ``out``, for at most DECODE_MAX_PAIRS pairs: ``fused_decode_kernel`` (both GEMMs,
+    the down one split over the intermediate dimension; ``config.up``: its tile, ``block_m`` rows of an expert
+    at a time, ``block_n`` intermediate columns a program, ``block_k`` of the hidden size a step of the up GEMM;
+    ``config.down.block_n``: hidden columns a step of the down GEMM), then ``decode_combine_kernel``. ids: the
+    flat ids [pairs], contiguous."""
     tokens, hidden_size = hidden.shape
     experts, inter, _ = gate.shape
     pairs = ids.numel()
     tile, block_h = config.up, config.down.block_n
     splits = triton.cdiv(inter, tile.block_n)
+    slots = min(pairs, experts)
     partial = torch.empty(splits, pairs, hidden_size, dtype=torch.float32, device=hidden.device)
     pdl = launch.pdl(hidden.device)
     descs = (None,) * 3
@@ -849,10 +867,11 @@ def decode(
         descs = (_descriptor(gate, up_box), _descriptor(up_w, up_box), _descriptor(w2, down_box))
     tma = None not in descs
     with launch.on(hidden.device):
-        fused_decode_kernel[(pairs * splits,)](
+        fused_decode_kernel[(slots * splits,)](
             hidden,
             *(descs if tma else (gate, up_w, w2)),
             ids,
+            pairs,
             expert_lo,
             partial,
             hidden_size,
@@ -867,6 +886,9 @@ def decode(
             ACT=ACTIVATION_CODES[activation],
             IEEE=_ieee(hidden),
             WEIGHT_TMA=tma,
+            PAIRS_POW2=triton.next_power_of_2(pairs),
+            BINS=triton.next_power_of_2(experts + 1),
+            BLOCK_M=tile.block_m,
             BLOCK_N=tile.block_n,
             BLOCK_K=tile.block_k,
             BLOCK_H=block_h,
