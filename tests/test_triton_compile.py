@@ -187,6 +187,25 @@ def test_pairs_path(compiled, path):
                 _assert_arrival_orders_rows(kernel.asm["ptx"])
 
 
+def test_decode_path(compiled):
+    """The decode kernel at the points its tuning tries, its programs reading every pair's id: Qwen3's shape at
+    T=1 and at T=16 with 16 experts local, Mixtral's at T=16; its deepest tiles, TMA boxes from sm90."""
+    tiles = (fe.Tile(16, 32, 256, 1, 4, 3, tma=True), fe.Tile(16, 64, 128, 1, 4, 4, tma=True))
+    for tokens, experts, inter, hidden, top_k in (
+        (1, 128, 768, 2048, 8),
+        (16, 16, 768, 2048, 8),
+        (16, 8, 14336, 4096, 2),
+    ):
+        for tile in tiles:
+            _launch_gemms(
+                fe.Config(tile, fe.Tile(16, 128, 64), "decode"), tokens, experts, inter, hidden, top_k, torch.bfloat16
+            )
+    assert_fits(compiled, 12)
+    assert all(
+        _reads_tma(kernel) == (compiled.arch >= 90) for name, kernel in compiled if name == "fused_decode_kernel"
+    )
+
+
 def _assert_arrival_orders_rows(ptx: str) -> None:
     """The combining down GEMM's memory order: its rows stored, a barrier, one acq_rel arrival at GPU scope, a
     barrier (its result through shared memory), then the other programs' rows read from L2."""
