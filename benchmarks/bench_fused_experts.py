@@ -315,10 +315,10 @@ def tune(args):
             if live <= PAIRS_MAX:  # decode: a row block a pair, without the grouping kernel (and the combine's)
                 for path in ("pairs", "pairs_combine"):
                     paths[path] = kernel.Config(best["up"], best["down"], path)
-            if n <= kernel.DECODE_MAX_PAIRS:
-                for row, block_h in _DECODE_FUSED:  # both GEMMs in one kernel: its own tiles
-                    for tma in (False, True):
-                        cfg = kernel.Config(kernel.Tile(*row, tma=tma), kernel.Tile(16, block_h, 64), "decode")
+            for row, block_h in _DECODE_FUSED:  # both GEMMs in one kernel: its own tiles
+                for tma in (False, True):
+                    cfg = kernel.Config(kernel.Tile(*row, tma=tma), kernel.Tile(16, block_h, 64), "decode")
+                    if kernel.decode_fits(n, inter, hidden, cfg):
                         paths[f"decode {row} {block_h}{' tma' if tma else ''}"] = cfg
             end_to_end = {}
             for label, cfg in paths.items():

@@ -390,6 +390,18 @@ def test_deterministic_across_calls():
         assert torch.equal(im.fused_experts(x, w13, w2, w, ids, "silu", rng), first)
 
 
+def test_decode_fits():
+    # the decode path: at most DECODE_MAX_PAIRS pairs, its fp32 partial rows within DECODE_MAX_PARTIAL_BYTES
+    tile = kernel.Tile(16, 32, 128)
+    decode = kernel.Config(tile, kernel.Tile(16, 64, 64), "decode")
+    assert kernel.decode_fits(8, 768, 2048, decode)  # Qwen3 at T=1: 24 splits x 8 pairs x 8 KB
+    assert kernel.decode_fits(128, 768, 2048, decode)  # T=16: 24 MB
+    assert not kernel.decode_fits(256, 768, 2048, decode)  # T=32: 48 MB
+    assert not kernel.decode_fits(32, 14336, 4096, decode)  # Mixtral at T=16: 448 splits, 235 MB
+    wide = kernel.Config(kernel.Tile(16, 64, 128), kernel.Tile(16, 64, 64), "decode")
+    assert kernel.decode_fits(256, 768, 2048, wide) and not kernel.decode_fits(257, 768, 2048, wide)
+
+
 def test_config_table_and_heuristic():
     # every shipped config is well-formed, keyed by a power-of-two token bucket; unknown shapes get the heuristic
     for shapes in kernel._tuned().values():

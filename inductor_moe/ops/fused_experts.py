@@ -116,7 +116,7 @@ def run_kernels(
         return hidden.new_zeros(hidden.shape)
     local = (expert_lo, expert_lo + experts)
     tiles = tiles or kernel.config_for(tokens, experts, inter, hidden_size, top_k, hidden.dtype, hidden.device)
-    if tiles.path == "decode" and tokens * top_k > kernel.DECODE_MAX_PAIRS:
+    if tiles.path == "decode" and not kernel.decode_fits(tokens * top_k, inter, hidden_size, tiles):
         tiles = kernel.heuristic_config(tokens, experts, top_k, hidden.dtype)
     combine = None
     if tiles.by_pair:  # rows in pair order, no grouping; the combine reads them token-major

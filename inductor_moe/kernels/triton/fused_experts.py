@@ -843,6 +843,15 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
 
 DECODE_COMBINE_COLUMNS = 128  # the decode combine's column block (T=1, H=2048: 16 programs)
 DECODE_MAX_PAIRS = 256  # the decode kernel's programs each read every pair's id
+# The partial rows (fp32 [I / block_n, pairs, H]) go to memory and back once: at most this, which the L2 mostly
+# holds (Mixtral's I = 14336 in 32 columns a program would take 235 MB at T=16)
+DECODE_MAX_PARTIAL_BYTES = 32 << 20
+
+
+def decode_fits(pairs: int, inter: int, hidden_size: int, config: Config) -> bool:
+    """Whether the decode path takes ``pairs`` pairs with these tiles."""
+    splits = triton.cdiv(inter, config.up.block_n)
+    return pairs <= DECODE_MAX_PAIRS and splits * pairs * hidden_size * 4 <= DECODE_MAX_PARTIAL_BYTES
 
 
 def decode(
