@@ -482,8 +482,8 @@ def fused_decode_kernel(
     USE_PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
 ):
-    """Program (slot, s): the slot-th of the live local experts (by id), and its pairs (found among all the
-    flat ids, which a few tokens' worth a program reads: no grouping kernel), BLOCK_M at a time: their
+    """Program (slot, s): the slot-th of the live local experts (by id) and its pairs, found among the flat ids
+    (each program reads them all, at most DECODE_MAX_PAIRS: no grouping kernel), BLOCK_M at a time: their
     activations over the intermediate columns [s * BLOCK_N, (s + 1) * BLOCK_N), rounded to the input dtype
     (``_gated_rows``), times those columns of the expert's down projection: ``partial[s, pair] = a[pair, cols] @
     w2_e[:, cols].T`` in fp32, the down GEMM split over the intermediate dimension. Every program streams its up
