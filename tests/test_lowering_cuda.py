@@ -127,9 +127,9 @@ def test_compiled_transformers_block_is_route_and_fused_experts(tokens):
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(block, backend="inductor_moe"), x)
         eager = block(x)
-    code = "\n".join(code)
+    code = "\n".join(line for line in "\n".join(code).splitlines() if not line.lstrip().startswith("#"))
     assert "inductor_moe.route.default(" in code and "inductor_moe.fused_experts.default(" in code, code
-    assert "topk" not in code and "_grouped_mm" not in code, code
+    assert "topk" not in code and "_grouped_mm" not in code, code  # calls, not the comments naming source nodes
     logits = block.gate(x.view(tokens, -1))[0].float()
     untied = (logits.sort(-1).values.diff(dim=-1) != 0).all(-1)  # torch.topk's order among ties is its own
     torch.testing.assert_close(out.view(tokens, -1)[untied], eager.view(tokens, -1)[untied], rtol=3e-2, atol=3e-2)
