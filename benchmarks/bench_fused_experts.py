@@ -146,53 +146,51 @@ def bench(args, copy_gbs, tflops):
     autotune_at = set(token_list) if args.autotune == "all" else {int(t) for t in args.autotune.split(",") if t}
     names = ["inductor", "grouped runner", "fused_experts", "cuBLAS bmm, even rows"]
     names += ["inductor max-autotune"] if autotune_at else []
-    for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
-        hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
-        for tokens in token_list:
-            routes = routings(tokens, experts, top_k, seed=tokens)
-            xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
-            torch._dynamo.reset()
-            variants = {
-                "inductor": torch.compile(grouped_experts, dynamic=False),
-                "grouped runner": grouped_runner,
-                "fused_experts": lambda x, w, ids, w13, w2, lo: im.fused_experts(
-                    x, w13, w2, w, ids, "silu", (lo, lo + w13.shape[0])
-                ),
-            }
-            if tokens in autotune_at:
-                variants["inductor max-autotune"] = torch.compile(
-                    grouped_experts, dynamic=False, mode="max-autotune-no-cudagraphs"
+    title = "Routed experts, bf16, µs per call in a CUDA graph of 4 routings (x the floor)"
+    header = [
+        *("shape", "local experts", "T", "floor", *names),
+        *("fused_experts / inductor", "fused_experts / bmm", "max rel. diff to eager"),
+    ]
+    with timing.emitted(title, header, rows):
+        for shape, local_share in itertools.product(args.shapes.split(","), args.locals.split(",")):
+            hidden, experts, top_k, inter, local, w13, w2 = layer(shape, local_share)
+            for tokens in token_list:
+                routes = routings(tokens, experts, top_k, seed=tokens)
+                xs = [torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) for _ in routes]
+                torch._dynamo.reset()
+                variants = {
+                    "inductor": torch.compile(grouped_experts, dynamic=False),
+                    "grouped runner": grouped_runner,
+                    "fused_experts": lambda x, w, ids, w13, w2, lo: im.fused_experts(
+                        x, w13, w2, w, ids, "silu", (lo, lo + w13.shape[0])
+                    ),
+                }
+                if tokens in autotune_at:
+                    variants["inductor max-autotune"] = torch.compile(
+                        grouped_experts, dynamic=False, mode="max-autotune-no-cudagraphs"
+                    )
+                want = grouped_experts(xs[0], *routes[0], w13, w2, 0).float()
+                got = variants["fused_experts"](xs[0], *routes[0], w13, w2, 0).float()
+                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                timed = {name: calls(fn, xs, routes, w13, w2, 0) for name, fn in variants.items()}
+                timed["cuBLAS bmm, even rows"] = even_bmm(routes, local, hidden, inter, w13, w2)
+                times = timing.interleaved_us(timed, lambda fns: timing.graph_us(fns))
+                floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
+                # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
+                cols = [_cell(times.get(n), floor) for n in names]
+                rows.append(
+                    [
+                        shape,
+                        local_share,
+                        tokens,
+                        f"{floor:.1f}",
+                        *cols,
+                        f"**{times['fused_experts'] / times['inductor']:.2f}**",
+                        _ratio(times["fused_experts"], times["cuBLAS bmm, even rows"]),
+                        f"{err:.1e}",
+                    ]
                 )
-            want = grouped_experts(xs[0], *routes[0], w13, w2, 0).float()
-            got = variants["fused_experts"](xs[0], *routes[0], w13, w2, 0).float()
-            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-            timed = {name: calls(fn, xs, routes, w13, w2, 0) for name, fn in variants.items()}
-            timed["cuBLAS bmm, even rows"] = even_bmm(routes, local, hidden, inter, w13, w2)
-            times = timing.interleaved_us(timed, lambda fns: timing.graph_us(fns))
-            floor = floor_us(routes, 0, local, hidden, inter, copy_gbs, tflops)
-            # a routing with no live pair (1/8 local at T=1) has no floor: no ratio
-            cols = [_cell(times.get(n), floor) for n in names]
-            rows.append(
-                [
-                    shape,
-                    local_share,
-                    tokens,
-                    f"{floor:.1f}",
-                    *cols,
-                    f"**{times['fused_experts'] / times['inductor']:.2f}**",
-                    _ratio(times["fused_experts"], times["cuBLAS bmm, even rows"]),
-                    f"{err:.1e}",
-                ]
-            )
-            print(rows[-1], flush=True)
-    timing.table(
-        "Routed experts, bf16, µs per call in a CUDA graph of 4 routings (x the floor)",
-        [
-            *("shape", "local experts", "T", "floor", *names),
-            *("fused_experts / inductor", "fused_experts / bmm", "max rel. diff to eager"),
-        ],
-        rows,
-    )
+                print(rows[-1], flush=True)
 
 
 def _ratio(us, bound) -> str:

@@ -80,63 +80,62 @@ def bench(args, copy_gbs, tflops):
     names = ["eager", "inductor", "inductor_moe", "inductor_moe −route"]
     names += ["inductor max-autotune"] if autotune_at else []
     rows = []
-    for model, impl in itertools.product(args.models.split(","), args.impls.split(",")):
-        module, cfg = block(model, impl)
-        experts = module.experts
-        hidden, inter = cfg.hidden_size, experts.down_proj.shape[-1]
-        local = experts.gate_up_proj.shape[0]
-        for tokens in tokens_list:
-            gen = torch.Generator(device="cuda").manual_seed(tokens)
-            copied = tokens * cfg.num_experts_per_tok * 3 * hidden * inter * 2
-            if impl == "batched_mm" and copied > MAX_COPY_BYTES:
-                rows.append([model, impl, tokens, "", *[f"not run (copies {copied / 2**30:.0f} GiB)"] * len(names), ""])
-                continue
-            xs = [
-                torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
-                for _ in range(INPUTS)
-            ]
-            torch._dynamo.reset()
-            variants = {
-                "eager": module,
-                "inductor": torch.compile(module, dynamic=False),
-                "inductor_moe": torch.compile(module, backend="inductor_moe", dynamic=False),
-                "inductor_moe −route": without_route(
-                    torch.compile(Same(module), backend="inductor_moe", dynamic=False)
-                ),
-            }
-            if tokens in autotune_at:
-                variants["inductor max-autotune"] = torch.compile(
-                    module, dynamic=False, mode="max-autotune-no-cudagraphs"
+    title = "transformers' MoE blocks, bf16, µs per call in a CUDA graph of 4 inputs (x the floor)"
+    header = ["model", "experts implementation", "T", "floor", *names, "inductor_moe / inductor"]
+    with timing.emitted(title, header, rows):
+        for model, impl in itertools.product(args.models.split(","), args.impls.split(",")):
+            module, cfg = block(model, impl)
+            experts = module.experts
+            hidden, inter = cfg.hidden_size, experts.down_proj.shape[-1]
+            local = experts.gate_up_proj.shape[0]
+            for tokens in tokens_list:
+                gen = torch.Generator(device="cuda").manual_seed(tokens)
+                copied = tokens * cfg.num_experts_per_tok * 3 * hidden * inter * 2
+                if impl == "batched_mm" and copied > MAX_COPY_BYTES:
+                    skipped = f"not run (copies {copied / 2**30:.0f} GiB)"
+                    rows.append([model, impl, tokens, "", *[skipped] * len(names), ""])
+                    continue
+                xs = [
+                    torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    for _ in range(INPUTS)
+                ]
+                torch._dynamo.reset()
+                variants = {
+                    "eager": module,
+                    "inductor": torch.compile(module, dynamic=False),
+                    "inductor_moe": torch.compile(module, backend="inductor_moe", dynamic=False),
+                    "inductor_moe −route": without_route(
+                        torch.compile(Same(module), backend="inductor_moe", dynamic=False)
+                    ),
+                }
+                if tokens in autotune_at:
+                    variants["inductor max-autotune"] = torch.compile(
+                        module, dynamic=False, mode="max-autotune-no-cudagraphs"
+                    )
+                with torch.no_grad():
+                    want = module(xs[0]).float().view(tokens, -1)
+                    # a token whose k-th and (k+1)-th logits tie may go to either expert (route picks the lower
+                    # index, torch.topk's order among equal values is its own): compared on the others
+                    ranked = module.gate(xs[0].view(tokens, -1))[0].float().sort(-1, descending=True).values
+                    k = cfg.num_experts_per_tok
+                    untied = ranked[:, k - 1] != ranked[:, k]
+                    for name, fn in variants.items():
+                        got = fn(xs[0]).float().view(tokens, -1)
+                        diff = (got - want)[untied].abs().max() if untied.any() else got.new_zeros(())
+                        err = (diff / want.abs().max().clamp_min(1e-6)).item()
+                        assert err < 5e-2, f"{model} {impl} T={tokens} {name}: max rel. diff {err:.1e} to eager"
+                    times = timing.interleaved_us(
+                        {name: [lambda fn=fn, x=x: fn(x) for x in xs] for name, fn in variants.items()},
+                        lambda fns: timing.graph_us(fns),
+                    )
+                floor = floor_us(routes_of(module, xs), 0, local, hidden, inter, copy_gbs, tflops)
+                cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" if n in times else "not run" for n in names]
+                rows.append(
+                    [model, impl, tokens, f"{floor:.1f}", *cols, f"**{times['inductor_moe'] / times['inductor']:.2f}**"]
                 )
-            with torch.no_grad():
-                want = module(xs[0]).float().view(tokens, -1)
-                # a token whose k-th and (k+1)-th logits tie may go to either expert (route picks the lower
-                # index, torch.topk's order among equal values is its own): compared on the others
-                ranked = module.gate(xs[0].view(tokens, -1))[0].float().sort(-1, descending=True).values
-                k = cfg.num_experts_per_tok
-                untied = ranked[:, k - 1] != ranked[:, k]
-                for name, fn in variants.items():
-                    got = fn(xs[0]).float().view(tokens, -1)
-                    diff = (got - want)[untied].abs().max() if untied.any() else got.new_zeros(())
-                    err = (diff / want.abs().max().clamp_min(1e-6)).item()
-                    assert err < 5e-2, f"{model} {impl} T={tokens} {name}: max rel. diff {err:.1e} to eager"
-                times = timing.interleaved_us(
-                    {name: [lambda fn=fn, x=x: fn(x) for x in xs] for name, fn in variants.items()},
-                    lambda fns: timing.graph_us(fns),
-                )
-            floor = floor_us(routes_of(module, xs), 0, local, hidden, inter, copy_gbs, tflops)
-            cols = [f"{times[n]:.1f} ({times[n] / floor:.2f}x)" if n in times else "not run" for n in names]
-            rows.append(
-                [model, impl, tokens, f"{floor:.1f}", *cols, f"**{times['inductor_moe'] / times['inductor']:.2f}**"]
-            )
-            print(rows[-1], flush=True)
-        del module, experts
-        torch.cuda.empty_cache()
-    timing.table(
-        "transformers' MoE blocks, bf16, µs per call in a CUDA graph of 4 inputs (x the floor)",
-        ["model", "experts implementation", "T", "floor", *names, "inductor_moe / inductor"],
-        rows,
-    )
+                print(rows[-1], flush=True)
+            del module, experts
+            torch.cuda.empty_cache()
 
 
 class Same(torch.nn.Module):

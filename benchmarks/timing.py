@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import math
 import platform
@@ -151,6 +152,18 @@ def table(title: str, header: list[str], rows: list[list]) -> None:
     for r in rows:
         print("| " + " | ".join(str(c) for c in r) + " |")
     sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def emitted(title: str, header: list[str], rows: list[list]):
+    """:func:`table` of ``rows`` when the block ends, also when a timeout's SIGINT interrupts it (the title then
+    says so): a run cut short keeps the rows it measured, in its output and in its ``--out`` file."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        table(f"{title} (interrupted: the rows measured before)", header, rows)
+        raise
+    table(title, header, rows)
 
 
 def _driver() -> str:
