@@ -339,15 +339,16 @@ def tune(args):
 
 
 def kernel_bytes(routes, local, hidden, inter) -> dict[str, float]:
-    """Mean bytes each GEMM and the combine move a call (bf16): the distinct live experts' weights, the rows they
-    read and write (the gathered hidden rows counted once a pair, though mostly L2 hits), the combine's rows."""
-    out = {"fused_up_kernel": 0.0, "fused_down_kernel": 0.0, "combine": 0.0}
+    """Mean bytes each GEMM and the combine move a call (bf16), by kernel name: the distinct live experts'
+    weights, the rows they read and write (the gathered hidden rows counted once a pair, though mostly L2 hits),
+    the combine's rows (moe_combine's JIT CUDA kernel is ``inductor_moe_kernel``)."""
+    out = {"fused_up_kernel": 0.0, "fused_down_kernel": 0.0, "inductor_moe_kernel": 0.0}
     for _, ids in routes:
         live = live_ids(ids, 0, local)
         experts, pairs = live.unique().numel(), live.numel()
         out["fused_up_kernel"] += 2 * (experts * 2 * inter * hidden + pairs * (hidden + inter))
         out["fused_down_kernel"] += 2 * (experts * hidden * inter + pairs * (inter + hidden))
-        out["combine"] += 2 * (pairs * hidden + ids.shape[0] * hidden)
+        out["inductor_moe_kernel"] += 2 * (pairs * hidden + ids.shape[0] * hidden)
     out["fused_decode_kernel"] = out["fused_up_kernel"] + out["fused_down_kernel"]  # both GEMMs in one
     return {name: b / len(routes) for name, b in out.items()}
 
@@ -412,7 +413,7 @@ def profile(args):
             moved = kernel_bytes(routes, local, hidden, inter)
             print(f"\n{shape} {local_share} T={tokens}: {span:.1f} us a call; kernel µs, gap before it")
             for name, us, gap in rows:
-                nbytes = next((b for k, b in moved.items() if k in name), None)
+                nbytes = moved.get(name)
                 note = f"  {nbytes / 1e6:.1f} MB, {nbytes / (us * 1e3) / copy_gbs:.0%} of copy" if nbytes else ""
                 print(f"  {name[:60]:<60} {us:8.1f} {gap:6.1f}{note}")
             if tokens:
