@@ -391,13 +391,15 @@ def test_deterministic_across_calls():
 
 
 def test_decode_fits():
-    # the decode path: at most DECODE_MAX_PAIRS pairs, its fp32 partial rows within DECODE_MAX_PARTIAL_BYTES
+    # the decode path: at most DECODE_MAX_PAIRS pairs and DECODE_MAX_SPLITS splits, its fp32 partial rows within
+    # DECODE_MAX_PARTIAL_BYTES
     tile = kernel.Tile(16, 32, 128)
     decode = kernel.Config(tile, kernel.Tile(16, 64, 64), "decode")
     assert kernel.decode_fits(8, 768, 2048, decode)  # Qwen3 at T=1: 24 splits x 8 pairs x 8 KB
     assert kernel.decode_fits(128, 768, 2048, decode)  # T=16: 24 MB
     assert not kernel.decode_fits(256, 768, 2048, decode)  # T=32: 48 MB
     assert not kernel.decode_fits(32, 14336, 4096, decode)  # Mixtral at T=16: 448 splits, 235 MB
+    assert not kernel.decode_fits(1, 14336, 4096, decode)  # T=1: 448 splits, more than the combine reads at once
     wide = kernel.Config(kernel.Tile(16, 64, 128), kernel.Tile(16, 64, 64), "decode")
     assert kernel.decode_fits(256, 768, 2048, wide) and not kernel.decode_fits(257, 768, 2048, wide)
 

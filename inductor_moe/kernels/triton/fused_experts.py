@@ -20,7 +20,7 @@ weights are.
   column block, and the last of the K to arrive sums their rows as ``moe_combine`` does, one launch fewer.
 - ``decode`` (rows in pair order): both GEMMs in one kernel, each program the up GEMM of a block of
   intermediate columns and the down GEMM of those columns alone, a partial row in fp32; the combine sums a
-  pair's partial rows in order, rounds the sum as the down GEMM rounds its rows, and weighs them.
+  pair's partial rows in one fixed order, rounds the sum as the down GEMM rounds its rows, and weighs them.
 
 PDL on sm90+: ``gdc_wait`` before the first global read, ``launch_pdl=True``; the next kernel's own wait orders
 it, so no early trigger. fp32 inputs take IEEE-precision dots (correct, slower); 16-bit ones the tensor cores
@@ -316,12 +316,13 @@ def _combine_columns(
     TOP_K: tl.constexpr,
     RENORM: tl.constexpr,
     ZERO_DEAD: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
 ):
     """``out[token, cols]``: moe_combine's sum over k of token-major rows ``y``, in k order in fp32 (its
     rounding: weights renormalised in their dtype by their fp32 sum, dead pairs not read, or adding w * 0).
-    With ``SPLIT`` each row is the fp32 sum of ``splits`` partial rows (``y`` + s * ``stride_ys``), in order,
-    rounded to the output dtype: a pair's row as the down GEMM would round it."""
+    With ``SPLITS_POW2`` > 1 each row is the fp32 sum of ``splits`` partial rows (``y`` + s * ``stride_ys``),
+    read at once and summed in one fixed order, rounded to the output dtype: a pair's row as the down GEMM
+    would round it."""
     token = token.to(tl.int64)
     w_row = weights_ptr + token * stride_wt
     divisor = 1.0
@@ -339,11 +340,11 @@ def _combine_columns(
         # L2, not L1: the rows were stored by other programs (ordered before this one by the arrival count)
         read = tl.where(live, col_ok, False)  # (col_ok & live: ints, not a mask, in the interpreter)
         row_ptrs = y_ptr + (token * TOP_K + k) * stride_ym + cols
-        if SPLIT:
-            row = tl.zeros(cols.shape, dtype=tl.float32)
-            for s in range(splits):
-                row += tl.load(row_ptrs + s * stride_ys, mask=read, other=0.0, cache_modifier=".cg")
-            row = row.to(out_ptr.dtype.element_ty)
+        if SPLITS_POW2 > 1:  # one load of every split (a loop of loads waited for each in turn)
+            s = tl.arange(0, SPLITS_POW2)
+            ptrs = row_ptrs[None, :] + s[:, None].to(tl.int64) * stride_ys
+            parts = tl.load(ptrs, mask=(s < splits)[:, None] & read[None, :], other=0.0, cache_modifier=".cg")
+            row = tl.sum(parts, 0).to(out_ptr.dtype.element_ty)
         else:
             row = tl.load(row_ptrs, mask=read, other=0.0, cache_modifier=".cg")
         if ZERO_DEAD:
@@ -435,7 +436,7 @@ def fused_down_kernel(
         if tl.atomic_add(count, 1, sem="acq_rel", scope="gpu") == TOP_K - 1:
             _combine_columns(
                 out_ptr, stride_om, 1, 0, weights_ptr, stride_wt, stride_wtk, ids_ptr, expert_lo, num_experts,
-                combined_ptr, stride_cm, token, cols, col_ok, TOP_K, RENORM, ZERO_DEAD, False,
+                combined_ptr, stride_cm, token, cols, col_ok, TOP_K, RENORM, ZERO_DEAD, 1,
             )  # fmt: skip
 
 
@@ -556,17 +557,19 @@ def decode_combine_kernel(
     TOP_K: tl.constexpr,
     RENORM: tl.constexpr,
     ZERO_DEAD: tl.constexpr,
+    SPLITS_POW2: tl.constexpr,
     BLOCK_H: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
-    """Program (token, column block): each live pair's row, the sum of its ``splits`` partial rows in order,
-    rounded to the output dtype, then moe_combine's weighted sum over k (``_combine_columns``)."""
+    """Program (token, column block): each live pair's row, the sum of its ``splits`` partial rows rounded to
+    the output dtype, then moe_combine's weighted sum over k (``_combine_columns``)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     _combine_columns(
         partial_ptr, stride_pm, splits, stride_ps, weights_ptr, stride_wt, stride_wk, ids_ptr, expert_lo,
-        num_experts, out_ptr, stride_om, tl.program_id(0), cols, cols < hidden_size, TOP_K, RENORM, ZERO_DEAD, True,
+        num_experts, out_ptr, stride_om, tl.program_id(0), cols, cols < hidden_size, TOP_K, RENORM, ZERO_DEAD,
+        SPLITS_POW2,
     )  # fmt: skip
 
 
@@ -841,8 +844,9 @@ def up(hidden, gate, up_w, order, offs, out, activation: str, top_k: int, tile: 
         )
 
 
-DECODE_COMBINE_COLUMNS = 128  # the decode combine's column block (T=1, H=2048: 16 programs)
+DECODE_COMBINE_COLUMNS = 64  # the decode combine's column block (T=1, H=2048: 32 programs)
 DECODE_MAX_PAIRS = 256  # the decode kernel's programs each read every pair's id
+DECODE_MAX_SPLITS = 64  # the combine reads a pair's partial rows at once, [splits, DECODE_COMBINE_COLUMNS] fp32
 # The partial rows (fp32 [I / block_n, pairs, H]) go to memory and back once: at most this, which the L2 mostly
 # holds (Mixtral's I = 14336 in 32 columns a program would take 235 MB at T=16)
 DECODE_MAX_PARTIAL_BYTES = 32 << 20
@@ -851,7 +855,11 @@ DECODE_MAX_PARTIAL_BYTES = 32 << 20
 def decode_fits(pairs: int, inter: int, hidden_size: int, config: Config) -> bool:
     """Whether the decode path takes ``pairs`` pairs with these tiles."""
     splits = triton.cdiv(inter, config.up.block_n)
-    return pairs <= DECODE_MAX_PAIRS and splits * pairs * hidden_size * 4 <= DECODE_MAX_PARTIAL_BYTES
+    return (
+        pairs <= DECODE_MAX_PAIRS
+        and splits <= DECODE_MAX_SPLITS
+        and splits * pairs * hidden_size * 4 <= DECODE_MAX_PARTIAL_BYTES
+    )
 
 
 def decode(
@@ -922,6 +930,7 @@ def decode(
             TOP_K=weights.shape[1],
             RENORM=renormalize,
             ZERO_DEAD=zero_dead_rows,
+            SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
             BLOCK_H=DECODE_COMBINE_COLUMNS,
             USE_PDL=pdl,
             num_warps=4,
