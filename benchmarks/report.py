@@ -3,6 +3,7 @@ command, the device, driver and versions, the method and the date its tables wer
 
     python3 benchmarks/report.py            # rewrite BENCHMARKS.md
     python3 benchmarks/report.py --check    # exit 1 if BENCHMARKS.md is not what the results give
+    python3 benchmarks/report.py --merge OUT IN [IN ...]   # one result from runs of one benchmark on one device
 
 A result is what ``python3 benchmarks/bench_<name>.py --out benchmarks/results/<device>/<name>.json`` wrote on
 that device (benchmarks/timing.py). Rerunning a benchmark replaces its file, and so its tables here.
@@ -82,7 +83,61 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# what the runs merged into one result must share
+_SAME = ("device", "driver", "torch", "cuda", "triton", "python", "method")
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from runs of one benchmark on one device (a run a call, where one call cannot hold them all):
+    the tables of one title become one, rows in run order; a column some runs lack (a variant they did not
+    time) reads "not run" in their rows. The commands are listed, the date is the latest."""
+    metas = [r["metadata"] for r in results]
+    for key in _SAME:
+        if len({m[key] for m in metas}) > 1:
+            raise ValueError(f"the runs differ in {key}: {sorted({m[key] for m in metas})}")
+    meta = dict(metas[0], command="; ".join(dict.fromkeys(m["command"] for m in metas)))
+    meta["date"] = max(m["date"] for m in metas)
+    notes = [m["note"] for m in metas if m.get("note")]
+    meta.pop("note", None)
+    if notes:
+        meta["note"] = "; ".join(dict.fromkeys(notes))
+    tables: dict[str, dict] = {}
+    for table in (t for r in results for t in r["tables"]):
+        merged = tables.setdefault(table["title"], {"title": table["title"], "header": [], "rows": []})
+        header = _union(merged["header"], table["header"])
+        merged["rows"] = [_widen(row, merged["header"], header) for row in merged["rows"]]
+        merged["rows"] += [_widen(row, table["header"], header) for row in table["rows"]]
+        merged["header"] = header
+    return {"metadata": meta, "tables": list(tables.values())}
+
+
+def _union(a: list[str], b: list[str]) -> list[str]:
+    """The columns of both headers, each once, in an order both keep (one must hold the other's columns in
+    order, or a column of one sit between the same neighbours as in the other)."""
+    out = list(a)
+    for i, column in enumerate(b):
+        if column in out:
+            continue
+        before = next((out.index(c) + 1 for c in reversed(b[:i]) if c in out), 0)
+        out.insert(before, column)
+    for h in (a, b):
+        if [c for c in out if c in h] != h:
+            raise ValueError(f"no column order keeps both {a} and {b}")
+    return out
+
+
+def _widen(row: list[str], header: list[str], wide: list[str]) -> list[str]:
+    cells = dict(zip(header, row))
+    return [cells.get(column, "not run") for column in wide]
+
+
 def main() -> int:
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"] and len(args) >= 3:
+        out, *paths = (Path(a) for a in args[1:])
+        result = merge([json.loads(p.read_text()) for p in paths])
+        out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        return 0
     text = render()
     target = ROOT / "BENCHMARKS.md"
     if "--check" in sys.argv[1:]:
