@@ -97,6 +97,27 @@ def _local_expert(ids, expert_lo, experts):
 
 
 @triton.jit
+def _pdl_wait(USE_PDL: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
+    """A GEMM program's PDL wait (its inputs come from the kernels before), then, with EARLY_TRIGGER (the
+    module's, which says why), the next grid let launch."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        if EARLY_TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _dot(x, w, acc, IEEE: tl.constexpr):
+    """``acc + x @ w`` in fp32: IEEE-precision dots of fp32 tiles (fp32 inputs, the interpreter), else the tensor
+    cores on the 16-bit tiles."""
+    if IEEE:
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
 def _row_block(offs_ptr, pid_m, num_experts, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
     """(expert, first sorted row, the expert's end row) of row block ``pid_m``; expert == num_experts past the
     last block. Blocks are numbered expert after expert, ceil(count / BLOCK_M) an expert."""
@@ -144,10 +165,7 @@ def _program(
     its (expert, first row, the expert's end row, first column); expert == num_experts: nothing to do. Rows are
     sorted by expert (``offs``), or with ``PAIRS`` in pair order, a row block a pair (its one row), the expert
     read from the flat ids: no grouping kernel (decode, where a token's K pairs name K distinct experts)."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        if EARLY_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
+    _pdl_wait(USE_PDL, EARLY_TRIGGER)
     pid_m, pid_n = _tile_ids(num_m, tl.cdiv(n_cols, BLOCK_N), GROUP_M)
     if PAIRS:
         expert = _local_expert(tl.load(ids_ptr + pid_m), expert_lo, num_experts)
@@ -285,13 +303,8 @@ def _gated_rows(
             u = tl.load(u_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             g_ptrs += BLOCK_K * stride_gk
             u_ptrs += BLOCK_K * stride_uk
-        if IEEE:
-            x = x.to(tl.float32)
-            acc_g = tl.dot(x, g.to(tl.float32), acc_g, input_precision="ieee")
-            acc_u = tl.dot(x, u.to(tl.float32), acc_u, input_precision="ieee")
-        else:
-            acc_g = tl.dot(x, g, acc_g)
-            acc_u = tl.dot(x, u, acc_u)
+        acc_g = _dot(x, g, acc_g, IEEE)
+        acc_u = _dot(x, u, acc_u, IEEE)
         x_ptrs += BLOCK_K * stride_xk
     return _activation(acc_g, ACT) * acc_u
 
@@ -420,10 +433,7 @@ def fused_down_kernel(
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
                 a_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
-            if IEEE:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
+            acc = _dot(a, w, acc, IEEE)
         out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
     if COMBINE:  # PAIRS: row0 is the pair; its token's K programs of this column block each arrive once
@@ -491,10 +501,7 @@ def fused_decode_kernel(
     and down weights in one go, so the layer's weights are one grid's read (a down GEMM of its own starts
     reading only once the up GEMM's last program is done), each expert's once (BLOCK_M at least the most pairs
     an expert has). A slot past the live experts returns at once."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        if EARLY_TRIGGER:
-            tl.extra.cuda.gdc_launch_dependents()
+    _pdl_wait(USE_PDL, EARLY_TRIGGER)
     splits = tl.cdiv(inter, BLOCK_N)
     slot = tl.program_id(0) // splits
     n0 = (tl.program_id(0) % splits) * BLOCK_N
@@ -531,10 +538,7 @@ def fused_decode_kernel(
             else:
                 w = tl.load(w_ptrs, mask=(cols < inter)[:, None] & h_ok[None, :], other=0.0)
                 w_ptrs += BLOCK_H * stride_wn
-            if IEEE:
-                part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                part = tl.dot(a, w)
+            part = _dot(a, w, tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32), IEEE)
             tl.store(out_ptrs, part, mask=row_ok[:, None] & h_ok[None, :])
             out_ptrs += BLOCK_H
 
@@ -872,7 +876,7 @@ def decode(
     flat ids [pairs], contiguous."""
     tokens, hidden_size = hidden.shape
     experts, inter, _ = gate.shape
-    pairs = ids.numel()
+    pairs, top_k = ids.numel(), weights.shape[1]
     tile, block_h = config.up, config.down.block_n
     splits = triton.cdiv(inter, tile.block_n)
     slots = min(pairs, experts)
@@ -894,7 +898,7 @@ def decode(
             hidden_size,
             inter,
             experts,
-            ids.numel() // tokens,
+            top_k,
             *hidden.stride(),
             *gate.stride(),
             *up_w.stride(),
@@ -927,7 +931,7 @@ def decode(
             out,
             out.stride(0),
             hidden_size,
-            TOP_K=weights.shape[1],
+            TOP_K=top_k,
             RENORM=renormalize,
             ZERO_DEAD=zero_dead_rows,
             SPLITS_POW2=max(2, triton.next_power_of_2(splits)),
